@@ -1,0 +1,313 @@
+//! Input decoding (SPEC §2): raw bytes → [`Event`], or a typed [`DecodeError`] with a reason.
+//!
+//! The default mapping is the Segment Spec; every field location is a JSON pointer so a company's
+//! own schema decodes without a translator. Nothing here panics on input.
+
+use serde_json::{Map, Value};
+
+use crate::model::time::{self, TimeError};
+use crate::model::{Event, EventKind};
+
+/// Where each field lives in an input document (JSON pointers, RFC 6901).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldMapping {
+    /// Tried in order; the first non-empty string (or integer) wins.
+    pub customer_id: Vec<String>,
+    /// The event type (`track`, `page`, `screen`, `identify`); `None` means every event with a
+    /// name is a `track`, and one without a name but with traits is an `identify`.
+    pub event_type: Option<String>,
+    pub event_name: String,
+    pub timestamp: String,
+    pub message_id: Option<String>,
+    pub properties: Option<String>,
+    pub traits: Option<String>,
+}
+
+impl Default for FieldMapping {
+    fn default() -> Self {
+        FieldMapping {
+            customer_id: vec!["/userId".into(), "/anonymousId".into()],
+            event_type: Some("/type".into()),
+            event_name: "/event".into(),
+            timestamp: "/timestamp".into(),
+            message_id: Some("/messageId".into()),
+            properties: Some("/properties".into()),
+            traits: Some("/traits".into()),
+        }
+    }
+}
+
+/// Every way an input message can be unusable. `reason()` is the short label used in metrics
+/// and dead-letter headers; `Display` is the human sentence.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("too large: {size} bytes, the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("no customer id (none of {0})")]
+    NoCustomerId(String),
+    #[error("missing type")]
+    MissingType,
+    #[error("unknown type {0:?}")]
+    UnknownType(String),
+    #[error("track event without an event name")]
+    MissingEventName,
+    #[error("missing timestamp")]
+    MissingTimestamp,
+    #[error("bad timestamp: {0}")]
+    BadTimestamp(TimeError),
+    #[error("{0} is not an object")]
+    NotAnObject(&'static str),
+    #[error("timestamp is {ahead_ms} ms in the future, more than max_future_skew")]
+    TooFarInFuture { ahead_ms: i64 },
+}
+
+impl DecodeError {
+    /// A stable, low-cardinality label for metrics and DLQ headers.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::NotJson(_) => "not_json",
+            DecodeError::NotObject => "not_object",
+            DecodeError::NoCustomerId(_) => "no_customer_id",
+            DecodeError::MissingType => "missing_type",
+            DecodeError::UnknownType(_) => "unknown_type",
+            DecodeError::MissingEventName => "missing_event_name",
+            DecodeError::MissingTimestamp => "missing_timestamp",
+            DecodeError::BadTimestamp(_) => "bad_timestamp",
+            DecodeError::NotAnObject(_) => "bad_field",
+            DecodeError::TooFarInFuture { .. } => "future_timestamp",
+        }
+    }
+}
+
+/// Decodes raw input documents with one field mapping and size limit.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    mapping: FieldMapping,
+    max_bytes: usize,
+}
+
+impl Decoder {
+    pub fn new(mapping: FieldMapping, max_bytes: usize) -> Self {
+        Decoder { mapping, max_bytes }
+    }
+
+    /// Decodes one message; the size limit is checked before any parsing.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        if bytes.len() > self.max_bytes {
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                limit: self.max_bytes,
+            });
+        }
+        let document: Value =
+            serde_json::from_slice(bytes).map_err(|err| DecodeError::NotJson(err.to_string()))?;
+        self.decode_value(document)
+    }
+
+    fn decode_value(&self, mut document: Value) -> Result<Event, DecodeError> {
+        if !document.is_object() {
+            return Err(DecodeError::NotObject);
+        }
+        let mapping = &self.mapping;
+        let customer_id = mapping
+            .customer_id
+            .iter()
+            .find_map(|pointer| id_text(document.pointer(pointer)))
+            .ok_or_else(|| DecodeError::NoCustomerId(mapping.customer_id.join(", ")))?;
+        let name = document
+            .pointer(&mapping.event_name)
+            .and_then(Value::as_str)
+            .filter(|name| !name.is_empty())
+            .map(str::to_string);
+        let kind = match &mapping.event_type {
+            Some(pointer) => {
+                let event_type = document
+                    .pointer(pointer)
+                    .ok_or(DecodeError::MissingType)?
+                    .as_str()
+                    .ok_or_else(|| DecodeError::UnknownType("(not a string)".into()))?;
+                kind_of(event_type, name)?
+            }
+            None => match name {
+                Some(name) => EventKind::Activity { name },
+                None => EventKind::Identify,
+            },
+        };
+        let timestamp = match document.pointer(&mapping.timestamp) {
+            None | Some(Value::Null) => return Err(DecodeError::MissingTimestamp),
+            Some(Value::String(text)) => time::parse_rfc3339(text),
+            Some(Value::Number(number)) => time::from_epoch_number(number),
+            Some(_) => Err(TimeError::WrongType),
+        }
+        .map_err(DecodeError::BadTimestamp)?;
+        let message_id = mapping
+            .message_id
+            .as_deref()
+            .and_then(|pointer| id_text(document.pointer(pointer)));
+        let properties = take_object(&mut document, mapping.properties.as_deref(), "properties")?;
+        let traits = match kind {
+            EventKind::Identify => take_object(&mut document, mapping.traits.as_deref(), "traits")?,
+            EventKind::Activity { .. } => Map::new(),
+        };
+        Ok(Event {
+            customer_id,
+            kind,
+            timestamp,
+            message_id,
+            properties,
+            traits,
+        })
+    }
+}
+
+fn kind_of(event_type: &str, name: Option<String>) -> Result<EventKind, DecodeError> {
+    match event_type {
+        "track" => name
+            .map(|name| EventKind::Activity { name })
+            .ok_or(DecodeError::MissingEventName),
+        "page" => Ok(EventKind::Activity {
+            name: "page".into(),
+        }),
+        "screen" => Ok(EventKind::Activity {
+            name: "screen".into(),
+        }),
+        "identify" => Ok(EventKind::Identify),
+        other => Err(DecodeError::UnknownType(other.to_string())),
+    }
+}
+
+/// A non-empty string, or an integer as its decimal text.
+fn id_text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(text) if !text.is_empty() => Some(text.clone()),
+        Value::Number(number) if number.is_i64() || number.is_u64() => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+fn take_object(
+    document: &mut Value,
+    pointer: Option<&str>,
+    what: &'static str,
+) -> Result<Map<String, Value>, DecodeError> {
+    let Some(pointer) = pointer else {
+        return Ok(Map::new());
+    };
+    match document.pointer_mut(pointer).map(Value::take) {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(map)) => Ok(map),
+        Some(_) => Err(DecodeError::NotAnObject(what)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoder() -> Decoder {
+        Decoder::new(FieldMapping::default(), 65_536)
+    }
+
+    #[test]
+    fn decodes_segment_track() {
+        let event = decoder()
+            .decode(br#"{"type":"track","event":"Order Completed","userId":"c-42","messageId":"m-1","timestamp":"2026-11-01T10:00:00.000Z","properties":{"revenue":59.9}}"#)
+            .expect("valid");
+        assert_eq!(event.customer_id, "c-42");
+        assert_eq!(event.activity_name(), Some("Order Completed"));
+        assert_eq!(event.message_id.as_deref(), Some("m-1"));
+        assert_eq!(event.properties["revenue"], 59.9);
+    }
+
+    #[test]
+    fn page_identify_and_anonymous_fallback() {
+        let page = decoder()
+            .decode(br#"{"type":"page","anonymousId":"a-1","userId":"","timestamp":1762000000000}"#)
+            .expect("page");
+        assert_eq!(page.customer_id, "a-1");
+        assert_eq!(page.activity_name(), Some("page"));
+        let identify = decoder()
+            .decode(br#"{"type":"identify","userId":7,"timestamp":"2026-11-01T09:00:00Z","traits":{"country":"NL"}}"#)
+            .expect("identify");
+        assert_eq!(identify.customer_id, "7");
+        assert_eq!(identify.kind, EventKind::Identify);
+        assert_eq!(identify.traits["country"], "NL");
+    }
+
+    #[test]
+    fn every_bad_input_is_a_typed_error() {
+        let cases: [(&[u8], &str); 9] = [
+            (b"not json", "not_json"),
+            (b"[1,2]", "not_object"),
+            (
+                br#"{"type":"track","event":"x","timestamp":1}"#,
+                "no_customer_id",
+            ),
+            (
+                br#"{"type":"alias","userId":"u","timestamp":1}"#,
+                "unknown_type",
+            ),
+            (
+                br#"{"userId":"u","event":"x","timestamp":1}"#,
+                "missing_type",
+            ),
+            (
+                br#"{"type":"track","userId":"u","timestamp":1}"#,
+                "missing_event_name",
+            ),
+            (
+                br#"{"type":"track","event":"x","userId":"u"}"#,
+                "missing_timestamp",
+            ),
+            (
+                br#"{"type":"track","event":"x","userId":"u","timestamp":"yesterday"}"#,
+                "bad_timestamp",
+            ),
+            (
+                br#"{"type":"track","event":"x","userId":"u","timestamp":1,"properties":[1]}"#,
+                "bad_field",
+            ),
+        ];
+        for (input, reason) in cases {
+            let err = decoder().decode(input).expect_err("must be rejected");
+            assert_eq!(err.reason(), reason, "{}", String::from_utf8_lossy(input));
+        }
+        let big = vec![b' '; 70_000];
+        assert_eq!(
+            decoder().decode(&big).map_err(|e| e.reason()),
+            Err("too_large")
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let decoder = Decoder::new(FieldMapping::default(), 1 << 20);
+        assert!(decoder.decode(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn custom_mapping() {
+        let mapping = FieldMapping {
+            customer_id: vec!["/customer/id".into()],
+            event_type: None,
+            event_name: "/action".into(),
+            timestamp: "/ts".into(),
+            message_id: Some("/uuid".into()),
+            properties: Some("/data".into()),
+            traits: Some("/profile".into()),
+        };
+        let decoder = Decoder::new(mapping, 4096);
+        let event = decoder
+            .decode(br#"{"customer":{"id":"k1"},"action":"Product Added","ts":1762000000000,"uuid":"u1","data":{"price":3}}"#)
+            .expect("custom");
+        assert_eq!(event.customer_id, "k1");
+        assert_eq!(event.activity_name(), Some("Product Added"));
+        assert_eq!(event.properties["price"], 3);
+    }
+}

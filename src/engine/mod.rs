@@ -1,0 +1,418 @@
+//! The synchronous heart of segmenter: one [`PartitionEngine`] per input partition applies
+//! events and due timers to per-customer state, re-evaluates the segments and decides the
+//! `entered` / `exited` changes.
+//!
+//! Deterministic and I/O-free except through the [`Store`] trait: given the same inputs it makes
+//! the same decisions, which is what makes replay, tests against a naive reference evaluator, and
+//! crash recovery (re-processing after a restart yields the same change ids) possible.
+//!
+//! State is cached in memory and written back in batches ([`PartitionEngine::take_writes`]), so
+//! the caller decides what else (outbox, input offsets) lands in the same atomic write.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::features::{CustomerState, Limits};
+use crate::model::{Cause, Change, ChangeKind, Event, Millis};
+use crate::rules::{evaluate, next_change, Program};
+use crate::store::codec::{self, StateLayout};
+use crate::store::{keys, Store, StoreError, Table, WriteSet};
+
+/// Where `now` comes from (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockMode {
+    /// `now` is the highest event time seen on the partition.
+    Event,
+    /// `now` is the wall clock, supplied by the caller through [`PartitionEngine::advance`].
+    Wall,
+}
+
+/// Engine tuning.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineConfig {
+    pub clock: ClockMode,
+    pub limits: Limits,
+    /// How many future candidate instants to evaluate when looking for a customer's next change
+    /// before settling for a re-check timer.
+    pub lookahead_steps: usize,
+    /// Clean customer states kept in memory after a write-back.
+    pub max_cached_customers: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            clock: ClockMode::Event,
+            limits: Limits::default(),
+            lookahead_steps: 16,
+            max_cached_customers: 200_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("partition {partition}: customer {customer:?}: {reason}")]
+    CorruptState {
+        partition: u32,
+        customer: String,
+        reason: String,
+    },
+}
+
+/// What happened to one input event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+}
+
+/// Running counts, for the replay summary and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    pub applied: u64,
+    pub duplicates: u64,
+    pub timers_fired: u64,
+    pub changes: u64,
+}
+
+struct Cached {
+    state: CustomerState,
+    /// The timer due time currently persisted for this customer.
+    persisted_timer: Option<Millis>,
+    dirty: bool,
+}
+
+/// The state and decisions of one partition.
+pub struct PartitionEngine<S: Store> {
+    partition: u32,
+    program: Arc<Program>,
+    layout: StateLayout,
+    old_layouts: HashMap<u64, StateLayout>,
+    store: Arc<S>,
+    config: EngineConfig,
+    now: Option<Millis>,
+    clock_dirty: bool,
+    cache: HashMap<String, Cached>,
+    timers: BTreeSet<(Millis, String)>,
+    stats: EngineStats,
+}
+
+impl<S: Store> PartitionEngine<S> {
+    /// Opens a partition: restores its clock and timers and records the current layout.
+    pub fn open(
+        partition: u32,
+        program: Arc<Program>,
+        store: Arc<S>,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let layout = StateLayout::of(&program);
+        let layout_json = serde_json::to_vec(&layout).unwrap_or_default();
+        let mut writes = WriteSet::default();
+        writes.put(Table::Meta, keys::layout(layout.id), layout_json);
+        store.write(writes)?;
+        let now = match store.get(Table::Meta, &keys::clock(partition))? {
+            Some(bytes) => Some(decode_clock(&bytes).ok_or_else(|| StoreError::Corrupt {
+                key: "clock".into(),
+                reason: "not 8 bytes".into(),
+            })?),
+            None => None,
+        };
+        let mut timers = BTreeSet::new();
+        for (key, _) in store.scan_prefix(Table::Timers, &keys::partition_prefix(partition))? {
+            if let Some(timer) = keys::parse_timer(&key) {
+                timers.insert(timer);
+            }
+        }
+        Ok(PartitionEngine {
+            partition,
+            program,
+            layout,
+            old_layouts: HashMap::new(),
+            store,
+            config,
+            now,
+            clock_dirty: false,
+            cache: HashMap::new(),
+            timers,
+            stats: EngineStats::default(),
+        })
+    }
+
+    pub fn now(&self) -> Option<Millis> {
+        self.now
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    pub fn pending_timers(&self) -> usize {
+        self.timers.len()
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// Moves the clock forward to `now` (never back), firing every timer due at or before it in
+    /// (due time, customer) order; each fires at its own due time.
+    pub fn advance(&mut self, now: Millis, out: &mut Vec<Change>) -> Result<(), EngineError> {
+        if self.now.is_some_and(|current| current >= now) {
+            return self.fire_due(self.now.unwrap_or(now), out);
+        }
+        self.fire_due(now, out)?;
+        self.now = Some(now);
+        self.clock_dirty = true;
+        Ok(())
+    }
+
+    fn fire_due(&mut self, now: Millis, out: &mut Vec<Change>) -> Result<(), EngineError> {
+        while let Some((due, _)) = self.timers.first() {
+            if *due > now {
+                break;
+            }
+            let Some((due, customer)) = self.timers.pop_first() else {
+                break;
+            };
+            self.fire(due, customer, out)?;
+        }
+        Ok(())
+    }
+
+    fn fire(
+        &mut self,
+        due: Millis,
+        customer: String,
+        out: &mut Vec<Change>,
+    ) -> Result<(), EngineError> {
+        let mut cached = self.take_cached(&customer)?;
+        if cached.state.timer != Some(due) {
+            self.cache.insert(customer, cached);
+            return Ok(());
+        }
+        cached.state.timer = None;
+        self.stats.timers_fired += 1;
+        self.evaluate_customer(&customer, &mut cached.state, due, &Cause::Timer, out);
+        cached.dirty = true;
+        self.cache.insert(customer, cached);
+        Ok(())
+    }
+
+    /// Applies one decoded event. In event-clock mode the clock first moves to the event's time
+    /// (firing due timers); in wall mode the caller has advanced it.
+    pub fn apply_event(
+        &mut self,
+        event: &Event,
+        out: &mut Vec<Change>,
+    ) -> Result<Outcome, EngineError> {
+        let now = match (self.config.clock, self.now) {
+            (ClockMode::Event, Some(current)) => current.max(event.timestamp),
+            (ClockMode::Event, None) => event.timestamp,
+            (ClockMode::Wall, Some(current)) => current,
+            (ClockMode::Wall, None) => event.timestamp,
+        };
+        self.advance(now, out)?;
+        let customer = event.customer_id.as_str();
+        let mut cached = self.take_cached(customer)?;
+        if let Some(message_id) = &event.message_id {
+            let duplicate = cached
+                .state
+                .is_duplicate(message_id, now, &self.config.limits);
+            if duplicate {
+                self.stats.duplicates += 1;
+                self.cache.insert(customer.to_string(), cached);
+                return Ok(Outcome::Duplicate);
+            }
+        }
+        cached
+            .state
+            .apply(&self.program.layout, event, now, &self.config.limits);
+        let cause = Cause::Event {
+            message_id: event.message_id.clone(),
+        };
+        self.evaluate_customer(customer, &mut cached.state, now, &cause, out);
+        cached.dirty = true;
+        self.cache.insert(customer.to_string(), cached);
+        self.stats.applied += 1;
+        Ok(Outcome::Applied)
+    }
+
+    /// Re-evaluates a customer at `t`, records changes and reschedules its timer.
+    fn evaluate_customer(
+        &mut self,
+        customer: &str,
+        state: &mut CustomerState,
+        t: Millis,
+        cause: &Cause,
+        out: &mut Vec<Change>,
+    ) {
+        let program = &self.program;
+        state.prune(&program.layout, t);
+        let evaluation = evaluate(program, state, customer, t);
+        for (idx, segment) in program.segments.iter().enumerate() {
+            let membership = &mut state.memberships[idx];
+            let member = evaluation.members[idx];
+            if membership.member == member {
+                continue;
+            }
+            membership.member = member;
+            membership.seq += 1;
+            membership.since = t;
+            out.push(Change {
+                customer_id: customer.to_string(),
+                segment: segment.id.clone(),
+                kind: if member {
+                    ChangeKind::Entered
+                } else {
+                    ChangeKind::Exited
+                },
+                at: t,
+                seq: membership.seq,
+                cause: cause.clone(),
+                segment_version: segment.version.clone(),
+            });
+            self.stats.changes += 1;
+        }
+        let next = next_change(
+            program,
+            state,
+            customer,
+            &evaluation.members,
+            &evaluation.candidates,
+            self.config.lookahead_steps,
+        );
+        state.evaluated_at = Some(t);
+        if state.timer != next {
+            if let Some(old) = state.timer {
+                self.timers.remove(&(old, customer.to_string()));
+            }
+            if let Some(due) = next {
+                self.timers.insert((due, customer.to_string()));
+            }
+            state.timer = next;
+        }
+    }
+
+    fn take_cached(&mut self, customer: &str) -> Result<Cached, EngineError> {
+        if let Some(cached) = self.cache.remove(customer) {
+            return Ok(cached);
+        }
+        let key = keys::customer(self.partition, customer);
+        let state = match self.store.get(Table::Customers, &key)? {
+            Some(bytes) => self.decode_state(customer, &bytes)?,
+            None => CustomerState::new(&self.program.layout, self.program.segments.len()),
+        };
+        Ok(Cached {
+            persisted_timer: state.timer,
+            state,
+            dirty: false,
+        })
+    }
+
+    fn decode_state(&mut self, customer: &str, bytes: &[u8]) -> Result<CustomerState, EngineError> {
+        let corrupt = |reason: String| EngineError::CorruptState {
+            partition: self.partition,
+            customer: customer.to_string(),
+            reason,
+        };
+        let stored_id = codec::layout_id(bytes).map_err(|err| corrupt(err.0))?;
+        if stored_id == self.layout.id {
+            return codec::decode(bytes, &self.layout, &self.layout).map_err(|err| corrupt(err.0));
+        }
+        if !self.old_layouts.contains_key(&stored_id) {
+            let raw = self
+                .store
+                .get(Table::Meta, &keys::layout(stored_id))?
+                .ok_or_else(|| corrupt(format!("unknown state layout {stored_id:016x}")))?;
+            let old: StateLayout =
+                serde_json::from_slice(&raw).map_err(|err| corrupt(err.to_string()))?;
+            self.old_layouts.insert(stored_id, old);
+        }
+        let old = &self.old_layouts[&stored_id];
+        codec::decode(bytes, old, &self.layout).map_err(|err| corrupt(err.0))
+    }
+
+    /// Everything changed since the last call, as one write set (customer states, timers, the
+    /// clock). The caller adds its own records (outbox, offsets) and commits it atomically.
+    /// Afterwards the in-memory cache is trimmed to `max_cached_customers`.
+    pub fn take_writes(&mut self) -> WriteSet {
+        let mut writes = WriteSet::default();
+        for (customer, cached) in &mut self.cache {
+            if !cached.dirty {
+                continue;
+            }
+            let key = keys::customer(self.partition, customer);
+            writes.put(
+                Table::Customers,
+                key,
+                codec::encode(&cached.state, &self.layout),
+            );
+            if cached.persisted_timer != cached.state.timer {
+                if let Some(old) = cached.persisted_timer {
+                    writes.delete(Table::Timers, keys::timer(self.partition, old, customer));
+                }
+                if let Some(due) = cached.state.timer {
+                    writes.put(
+                        Table::Timers,
+                        keys::timer(self.partition, due, customer),
+                        Vec::new(),
+                    );
+                }
+                cached.persisted_timer = cached.state.timer;
+            }
+            cached.dirty = false;
+        }
+        if self.clock_dirty {
+            if let Some(now) = self.now {
+                writes.put(
+                    Table::Meta,
+                    keys::clock(self.partition),
+                    now.to_be_bytes().to_vec(),
+                );
+            }
+            self.clock_dirty = false;
+        }
+        if self.cache.len() > self.config.max_cached_customers {
+            let mut excess = self.cache.len() - self.config.max_cached_customers;
+            self.cache.retain(|_, _| {
+                if excess == 0 {
+                    return true;
+                }
+                excess -= 1;
+                false
+            });
+        }
+        writes
+    }
+
+    /// Writes everything pending straight to the store.
+    pub fn flush(&mut self) -> Result<(), EngineError> {
+        let writes = self.take_writes();
+        if !writes.is_empty() {
+            self.store.write(writes)?;
+        }
+        Ok(())
+    }
+
+    /// The current state of a customer (cached or stored), if known.
+    pub fn customer_state(&mut self, customer: &str) -> Result<Option<CustomerState>, EngineError> {
+        if let Some(cached) = self.cache.get(customer) {
+            return Ok(Some(cached.state.clone()));
+        }
+        let key = keys::customer(self.partition, customer);
+        match self.store.get(Table::Customers, &key)? {
+            Some(bytes) => Ok(Some(self.decode_state(customer, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn decode_clock(bytes: &[u8]) -> Option<Millis> {
+    Some(Millis::from_be_bytes(bytes.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests;

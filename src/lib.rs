@@ -1,0 +1,28 @@
+//! segmenter: live behavioural customer segments from a Kafka event stream.
+//!
+//! Data flow (one path per input partition):
+//!
+//! ```text
+//! bytes ──decode──▶ Event ──engine──▶ CustomerState (features) ──rules::eval──▶ memberships
+//!                                 │                                   │
+//!                         durable timers ◀── next change time ◀───────┘
+//!                                 │
+//!                                 └──▶ Change (entered/exited) ──▶ stdout (replay) / Kafka
+//! ```
+//!
+//! - `model`: plain types (events, changes, time). `decode`: input bytes → events.
+//! - `rules`: the rule language — parse, type-check, compile to a feature layout, evaluate. Pure.
+//! - `features`: the per-customer aggregates the compiled rules need. Pure.
+//! - `engine`: the synchronous step per partition (events, timers, changes) over a `store::Store`.
+//! - `store`: key layout, value codec, RocksDB. `settings`: config file + env overrides.
+//! - `replay`: the offline command; `generate`: realistic synthetic traffic.
+
+pub mod decode;
+pub mod engine;
+pub mod features;
+pub mod generate;
+pub mod model;
+pub mod replay;
+pub mod rules;
+pub mod settings;
+pub mod store;

@@ -1,0 +1,205 @@
+//! The `segmenter` command line: parses arguments, sets up logging, hands over to the library.
+
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use segmenter::decode::Decoder;
+use segmenter::model::time::{format_duration, parse_cli_time};
+use segmenter::replay::{replay, ReplayJob};
+use segmenter::rules::Program;
+use segmenter::settings::{self, Settings};
+
+#[derive(Parser)]
+#[command(
+    name = "segmenter",
+    version,
+    about = "Live behavioural customer segments from a Kafka event stream"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and rules; print each segment's compiled plan.
+    Check {
+        #[arg(long, default_value = "config/segmenter.toml")]
+        config: PathBuf,
+    },
+    /// Run the engine offline over an NDJSON file with the event clock; print changes as NDJSON.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        /// NDJSON events, or `-` for stdin.
+        #[arg(long)]
+        input: String,
+        /// Finally advance the clock to this time (RFC 3339 or epoch ms) so pending timers fire.
+        #[arg(long)]
+        until: Option<String>,
+        /// Keep the RocksDB state here (default: a temporary directory, removed afterwards).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env_vars() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+fn load_settings(config: &Path) -> Result<Settings, ExitCode> {
+    settings::load(config, &env_vars()).map_err(|errors| {
+        for error in &errors.0 {
+            eprintln!("{error}");
+        }
+        eprintln!("error: {} problem(s) in the configuration", errors.0.len());
+        ExitCode::FAILURE
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check { config } => {
+            let settings = match load_settings(&config) {
+                Ok(settings) => settings,
+                Err(code) => return Ok(code),
+            };
+            print_plan(&settings.program);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            config,
+            input,
+            until,
+            state_dir,
+        } => {
+            let settings = match load_settings(&config) {
+                Ok(settings) => settings,
+                Err(code) => return Ok(code),
+            };
+            let until = until
+                .map(|text| parse_cli_time(&text).with_context(|| format!("--until {text:?}")))
+                .transpose()?;
+            let temp;
+            let dir = match state_dir {
+                Some(dir) => dir,
+                None => {
+                    temp = tempfile::tempdir().context("creating a temporary state dir")?;
+                    temp.path().to_path_buf()
+                }
+            };
+            let reader: Box<dyn BufRead> = if input == "-" {
+                Box::new(BufReader::with_capacity(1 << 20, std::io::stdin().lock()))
+            } else {
+                let file =
+                    std::fs::File::open(&input).with_context(|| format!("opening {input}"))?;
+                Box::new(BufReader::with_capacity(1 << 20, file))
+            };
+            let job = ReplayJob {
+                program: settings.program.clone(),
+                decoder: Decoder::new(
+                    settings.input.mapping.clone(),
+                    settings.input.max_event_bytes,
+                ),
+                engine: settings.engine,
+                state_dir: &dir,
+                until,
+            };
+            let stdout = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+            let stderr = std::io::stderr();
+            let (summary, elapsed) = replay(job, reader, stdout, stderr.lock())?;
+            eprintln!("{}", summary.line(elapsed));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_plan(program: &Program) {
+    let mut out = std::io::stdout().lock();
+    let layout = &program.layout;
+    let _ = writeln!(
+        out,
+        "{} segment(s), definitions version {}",
+        program.segments.len(),
+        program.version
+    );
+    for segment in &program.segments {
+        let _ = writeln!(out, "\n{}  (version {})", segment.id, segment.version);
+        if let Some(description) = &segment.description {
+            let _ = writeln!(out, "  description: {description}");
+        }
+        let _ = writeln!(out, "  rule: {}", segment.canonical);
+        if !segment.depends_on.is_empty() {
+            let names: Vec<&str> = segment
+                .depends_on
+                .iter()
+                .map(|idx| program.segments[*idx].id.as_str())
+                .collect();
+            let _ = writeln!(out, "  reads segments: {}", names.join(", "));
+        }
+        let timing = if segment.time_dependent {
+            "changes with time alone (durable timers)"
+        } else {
+            "changes only on events"
+        };
+        let _ = writeln!(out, "  {timing}");
+    }
+    let _ = writeln!(out, "\nper-customer state:");
+    for spec in &layout.series {
+        let property = spec
+            .property
+            .as_ref()
+            .map(|p| format!(", property {:?}", p.join(".")))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  window series of {}{property}, kept {}",
+            layout.matchers[spec.matcher].text,
+            format_duration(spec.retention)
+        );
+    }
+    for spec in &layout.totals {
+        let property = spec
+            .property
+            .as_ref()
+            .map(|p| format!(", property {:?}", p.join(".")))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  all-time totals of {}{property}",
+            layout.matchers[spec.matcher].text
+        );
+    }
+    for matcher in &layout.extremes {
+        let _ = writeln!(
+            out,
+            "  first/last time of {}",
+            layout.matchers[*matcher].text
+        );
+    }
+    for name in &layout.traits {
+        let _ = writeln!(out, "  trait {name}");
+    }
+}

@@ -1,0 +1,279 @@
+//! Tokens of the rule language, with byte spans into the rule text.
+
+use super::error::{RuleError, Span};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Token {
+    Ident(String),
+    Str(String),
+    Number(f64),
+    /// A whole number with a unit, in milliseconds.
+    Duration(i64),
+    LParen,
+    RParen,
+    LBracket,
+    RBracket,
+    Comma,
+    Dot,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Plus,
+    Minus,
+    Star,
+    Slash,
+    End,
+}
+
+impl Token {
+    /// How the token reads in an error message.
+    pub fn describe(&self) -> String {
+        match self {
+            Token::Ident(name) => format!("'{name}'"),
+            Token::Str(text) => format!("string {text:?}"),
+            Token::Number(number) => format!("number {number}"),
+            Token::Duration(_) => "a duration".into(),
+            Token::End => "the end of the rule".into(),
+            other => format!("'{}'", other.symbol()),
+        }
+    }
+
+    fn symbol(&self) -> &'static str {
+        match self {
+            Token::LParen => "(",
+            Token::RParen => ")",
+            Token::LBracket => "[",
+            Token::RBracket => "]",
+            Token::Comma => ",",
+            Token::Dot => ".",
+            Token::Eq => "==",
+            Token::Ne => "!=",
+            Token::Lt => "<",
+            Token::Le => "<=",
+            Token::Gt => ">",
+            Token::Ge => ">=",
+            Token::Plus => "+",
+            Token::Minus => "-",
+            Token::Star => "*",
+            Token::Slash => "/",
+            _ => "?",
+        }
+    }
+}
+
+/// Splits rule text into tokens; the last one is always `Token::End`.
+pub fn tokenize(text: &str) -> Result<Vec<(Token, Span)>, RuleError> {
+    let bytes = text.as_bytes();
+    let mut tokens = Vec::new();
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let byte = bytes[pos];
+        let start = pos;
+        if byte.is_ascii_whitespace() {
+            pos += 1;
+            continue;
+        }
+        if byte == b'#' {
+            while pos < bytes.len() && bytes[pos] != b'\n' {
+                pos += 1;
+            }
+            continue;
+        }
+        if byte.is_ascii_alphabetic() || byte == b'_' {
+            while pos < bytes.len() && (bytes[pos].is_ascii_alphanumeric() || bytes[pos] == b'_') {
+                pos += 1;
+            }
+            tokens.push((
+                Token::Ident(text[start..pos].to_string()),
+                Span::new(start, pos),
+            ));
+            continue;
+        }
+        if byte.is_ascii_digit() {
+            let (token, end) = number_or_duration(text, start)?;
+            tokens.push((token, Span::new(start, end)));
+            pos = end;
+            continue;
+        }
+        if byte == b'"' || byte == b'\'' {
+            let (value, end) = string_literal(text, start)?;
+            tokens.push((Token::Str(value), Span::new(start, end)));
+            pos = end;
+            continue;
+        }
+        let two = bytes.get(pos..pos + 2);
+        let (token, len) = match (byte, two) {
+            (_, Some(b"==")) => (Token::Eq, 2),
+            (_, Some(b"!=")) => (Token::Ne, 2),
+            (_, Some(b"<=")) => (Token::Le, 2),
+            (_, Some(b">=")) => (Token::Ge, 2),
+            (b'<', _) => (Token::Lt, 1),
+            (b'>', _) => (Token::Gt, 1),
+            (b'(', _) => (Token::LParen, 1),
+            (b')', _) => (Token::RParen, 1),
+            (b'[', _) => (Token::LBracket, 1),
+            (b']', _) => (Token::RBracket, 1),
+            (b',', _) => (Token::Comma, 1),
+            (b'.', _) => (Token::Dot, 1),
+            (b'+', _) => (Token::Plus, 1),
+            (b'-', _) => (Token::Minus, 1),
+            (b'*', _) => (Token::Star, 1),
+            (b'/', _) => (Token::Slash, 1),
+            (b'=', _) => {
+                return Err(RuleError::new(
+                    Span::new(start, start + 1),
+                    "'=' is not an operator; compare with '=='",
+                ))
+            }
+            _ => {
+                let ch = text[start..].chars().next().unwrap_or('?');
+                return Err(RuleError::new(
+                    Span::new(start, start + ch.len_utf8()),
+                    format!("unexpected character {ch:?}"),
+                ));
+            }
+        };
+        tokens.push((token, Span::new(start, start + len)));
+        pos += len;
+    }
+    tokens.push((Token::End, Span::new(text.len(), text.len())));
+    Ok(tokens)
+}
+
+fn number_or_duration(text: &str, start: usize) -> Result<(Token, usize), RuleError> {
+    let bytes = text.as_bytes();
+    let mut pos = start;
+    while pos < bytes.len() && bytes[pos].is_ascii_digit() {
+        pos += 1;
+    }
+    let mut is_fraction = false;
+    if pos + 1 < bytes.len() && bytes[pos] == b'.' && bytes[pos + 1].is_ascii_digit() {
+        is_fraction = true;
+        pos += 1;
+        while pos < bytes.len() && bytes[pos].is_ascii_digit() {
+            pos += 1;
+        }
+    }
+    let digits_end = pos;
+    while pos < bytes.len() && (bytes[pos].is_ascii_alphanumeric() || bytes[pos] == b'_') {
+        pos += 1;
+    }
+    let digits = &text[start..digits_end];
+    let unit = &text[digits_end..pos];
+    let span = Span::new(start, pos);
+    if unit.is_empty() {
+        let number = digits
+            .parse::<f64>()
+            .map_err(|_| RuleError::new(span, format!("bad number {digits:?}")))?;
+        return Ok((Token::Number(number), pos));
+    }
+    let unit_ms: i64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "w" => 604_800_000,
+        other => {
+            return Err(RuleError::new(
+                span,
+                format!(
+                    "bad duration unit {other:?} in {:?}: use ms, s, m, h, d or w",
+                    &text[start..pos]
+                ),
+            ))
+        }
+    };
+    if is_fraction {
+        return Err(RuleError::new(
+            span,
+            "a duration must be a whole number of its unit (write 90m, not 1.5h)",
+        ));
+    }
+    let millis = digits
+        .parse::<i64>()
+        .ok()
+        .and_then(|count| count.checked_mul(unit_ms))
+        .filter(|millis| *millis <= 1_000 * 365 * 86_400_000)
+        .ok_or_else(|| RuleError::new(span, "duration is too long (at most 1000 years)"))?;
+    Ok((Token::Duration(millis), pos))
+}
+
+fn string_literal(text: &str, start: usize) -> Result<(String, usize), RuleError> {
+    let quote = text.as_bytes()[start] as char;
+    let mut value = String::new();
+    let mut chars = text[start + 1..].char_indices();
+    while let Some((offset, ch)) = chars.next() {
+        let pos = start + 1 + offset;
+        match ch {
+            c if c == quote => return Ok((value, pos + 1)),
+            '\\' => match chars.next() {
+                Some((_, 'n')) => value.push('\n'),
+                Some((_, 't')) => value.push('\t'),
+                Some((_, escaped)) => value.push(escaped),
+                None => break,
+            },
+            other => value.push(other),
+        }
+    }
+    Err(RuleError::new(
+        Span::new(start, text.len()),
+        "string is not closed",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(text: &str) -> Vec<Token> {
+        tokenize(text)
+            .expect("tokenizes")
+            .into_iter()
+            .map(|(token, _)| token)
+            .collect()
+    }
+
+    #[test]
+    fn durations_numbers_and_operators() {
+        assert_eq!(
+            kinds(r#"count("A", 7d) >= 2.5"#),
+            vec![
+                Token::Ident("count".into()),
+                Token::LParen,
+                Token::Str("A".into()),
+                Token::Comma,
+                Token::Duration(604_800_000),
+                Token::RParen,
+                Token::Ge,
+                Token::Number(2.5),
+                Token::End
+            ]
+        );
+        assert_eq!(
+            kinds("90s 15m 1h 4w 250ms")[..5],
+            [
+                Token::Duration(90_000),
+                Token::Duration(900_000),
+                Token::Duration(3_600_000),
+                Token::Duration(2_419_200_000),
+                Token::Duration(250)
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_unit_points_at_the_literal() {
+        let err = tokenize("count(\"A\", 5x) > 1").expect_err("bad unit");
+        assert_eq!(err.span, Span::new(11, 13));
+        assert!(err.message.contains("bad duration unit"), "{}", err.message);
+    }
+
+    #[test]
+    fn unclosed_string() {
+        assert!(tokenize("last(\"A) > 1").is_err());
+    }
+}

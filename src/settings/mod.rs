@@ -1,0 +1,439 @@
+//! Configuration: the TOML file (default `config/segmenter.toml`) with `SEGMENTER__SECTION__KEY`
+//! environment overrides, validated into [`Settings`]. Every problem is collected and reported at
+//! once with file, line, column and a plain-words reason; nothing starts on a broken config.
+
+mod raw;
+mod spans;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::decode::FieldMapping;
+use crate::engine::{ClockMode, EngineConfig};
+use crate::features::Limits;
+use crate::rules::error::line_col;
+use crate::rules::{compile, Program, SegmentDef};
+
+use raw::{RawFile, RawSegment, RawSegmentsFile};
+
+/// One configuration problem, located where possible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based line and column, when the problem has a place in the file.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, column)) => write!(f, "{}:{line}:{column}: {}", self.file, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// All the problems found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (idx, error) in self.0.iter().enumerate() {
+            if idx > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Input decoding settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSettings {
+    pub topics: Vec<String>,
+    pub max_event_bytes: usize,
+    pub mapping: FieldMapping,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub client: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputSettings {
+    pub changes_topic: String,
+    pub membership_topic: String,
+    pub dlq_topic: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateSettings {
+    pub dir: PathBuf,
+    pub block_cache_bytes: usize,
+    pub sync_writes: bool,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub program: Arc<Program>,
+    pub engine: EngineConfig,
+    pub max_future_skew: i64,
+    pub input: InputSettings,
+    pub kafka: KafkaSettings,
+    pub output: OutputSettings,
+    pub state: StateSettings,
+    pub http_listen: String,
+}
+
+/// Reads and validates `path`, applying environment overrides from `env`.
+pub fn load(path: &Path, env: &[(String, String)]) -> Result<Settings, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            position: None,
+            message: format!("cannot read: {err}"),
+        }])
+    })?;
+    let spanned: RawFile<RawSegment> =
+        toml::from_str(&text).map_err(|err| ConfigErrors(vec![toml_error(&file, &text, &err)]))?;
+    let sections = with_env_overrides(&file, &text, env)?;
+    let mut errors = Vec::new();
+    let mut sources: Vec<(String, String, Vec<RawSegment>)> =
+        vec![(file.clone(), text, spanned.segment)];
+    if let Some(extra) = &spanned.segments_file {
+        let extra_path = path.parent().unwrap_or(Path::new(".")).join(extra);
+        let extra_file = extra_path.display().to_string();
+        match std::fs::read_to_string(&extra_path) {
+            Ok(extra_text) => match toml::from_str::<RawSegmentsFile>(&extra_text) {
+                Ok(parsed) => sources.push((extra_file, extra_text, parsed.segment)),
+                Err(err) => errors.push(toml_error(&extra_file, &extra_text, &err)),
+            },
+            Err(err) => errors.push(ConfigError {
+                file: file.clone(),
+                position: None,
+                message: format!("segments_file {extra:?}: cannot read {extra_file}: {err}"),
+            }),
+        }
+    }
+    let program = compile_segments(&sources, &mut errors);
+    let settings = build(&file, sections, program, &mut errors);
+    match settings {
+        Some(settings) if errors.is_empty() => Ok(settings),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+/// Validates only the segments of a file (for `replay`, whose config may hold nothing else).
+pub fn load_program(path: &Path) -> Result<Arc<Program>, ConfigErrors> {
+    load(path, &[]).map(|settings| settings.program)
+}
+
+fn toml_error(file: &str, text: &str, err: &toml::de::Error) -> ConfigError {
+    let position = err.span().map(|span| line_col(text, span.start));
+    ConfigError {
+        file: file.to_string(),
+        position,
+        message: err.message().trim().to_string(),
+    }
+}
+
+fn with_env_overrides(
+    file: &str,
+    text: &str,
+    env: &[(String, String)],
+) -> Result<RawFile<serde::de::IgnoredAny>, ConfigErrors> {
+    let overrides: config::Map<String, String> = env
+        .iter()
+        .filter(|(key, _)| key.starts_with("SEGMENTER__"))
+        .cloned()
+        .collect();
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("SEGMENTER")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("input.topics")
+                .with_list_parse_key("input.mapping.customer_id")
+                .source(Some(overrides)),
+        )
+        .build()
+        .and_then(config::Config::try_deserialize);
+    built.map_err(|err| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_string(),
+            position: None,
+            message: format!("with SEGMENTER__* environment overrides: {err}"),
+        }])
+    })
+}
+
+fn compile_segments(
+    sources: &[(String, String, Vec<RawSegment>)],
+    errors: &mut Vec<ConfigError>,
+) -> Option<Program> {
+    let mut defs = Vec::new();
+    let mut places: Vec<(&str, &str, &RawSegment)> = Vec::new();
+    let mut seen: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    for (file, text, segments) in sources {
+        for segment in segments {
+            let id = segment.id.get_ref();
+            let at = |offset: usize| Some(line_col(text, offset));
+            let id_ok = !id.is_empty()
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !id_ok {
+                errors.push(ConfigError {
+                    file: file.clone(),
+                    position: at(segment.id.span().start),
+                    message: format!("segment '{id}': the id must match [a-z0-9_]+ (lowercase letters, digits, underscores)"),
+                });
+                continue;
+            }
+            if let Some((other_file, other_line)) = seen.get(id) {
+                errors.push(ConfigError {
+                    file: file.clone(),
+                    position: at(segment.id.span().start),
+                    message: format!(
+                        "segment '{id}': duplicate id (first defined at {other_file}:{other_line})"
+                    ),
+                });
+                continue;
+            }
+            seen.insert(
+                id.clone(),
+                (file.clone(), line_col(text, segment.id.span().start).0),
+            );
+            if segment.rule.get_ref().trim().is_empty() {
+                errors.push(ConfigError {
+                    file: file.clone(),
+                    position: at(segment.rule.span().start),
+                    message: format!("segment '{id}': the rule is empty"),
+                });
+                continue;
+            }
+            defs.push(SegmentDef {
+                id: id.clone(),
+                description: segment.description.clone(),
+                rule: segment.rule.get_ref().clone(),
+            });
+            places.push((file, text, segment));
+        }
+    }
+    if !errors.is_empty() {
+        return None;
+    }
+    match compile(&defs) {
+        Ok(program) => Some(program),
+        Err(segment_errors) => {
+            for err in segment_errors {
+                let (file, text, segment) = places[err.segment];
+                let offset = spans::rule_offset(text, segment.rule.span(), err.error.span.start);
+                errors.push(ConfigError {
+                    file: file.to_string(),
+                    position: Some(line_col(text, offset)),
+                    message: format!("segment '{}': {}", defs[err.segment].id, err.error.message),
+                });
+            }
+            None
+        }
+    }
+}
+
+/// Parses a settings duration such as `24h`, `5m`, `90s`, `250ms`.
+pub fn parse_duration(text: &str) -> Option<i64> {
+    let digits_end = text.find(|c: char| !c.is_ascii_digit())?;
+    let count: i64 = text[..digits_end].parse().ok()?;
+    let unit = match &text[digits_end..] {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "w" => 604_800_000,
+        _ => return None,
+    };
+    count.checked_mul(unit)
+}
+
+fn build(
+    file: &str,
+    raw: RawFile<serde::de::IgnoredAny>,
+    program: Option<Program>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Settings> {
+    let mut problem = |message: String| {
+        errors.push(ConfigError {
+            file: file.to_string(),
+            position: None,
+            message,
+        })
+    };
+    let mut duration = |key: &str, value: Option<String>, default: i64| match value {
+        None => default,
+        Some(text) => parse_duration(&text).unwrap_or_else(|| {
+            problem(format!(
+                "{key} = {text:?} is not a duration like 90s, 15m, 24h or 7d"
+            ));
+            default
+        }),
+    };
+    let max_future_skew = duration(
+        "engine.max_future_skew",
+        raw.engine.max_future_skew,
+        300_000,
+    );
+    let dedup_window = duration("input.dedup_window", raw.input.dedup_window, 86_400_000);
+    let clock = match raw.engine.clock.as_deref() {
+        None | Some("wall") => ClockMode::Wall,
+        Some("event") => ClockMode::Event,
+        Some(other) => {
+            errors.push(ConfigError {
+                file: file.to_string(),
+                position: None,
+                message: format!("engine.clock = {other:?}: use \"wall\" or \"event\""),
+            });
+            ClockMode::Wall
+        }
+    };
+    let defaults = EngineConfig::default();
+    let limits = Limits {
+        max_entries_per_series: raw
+            .engine
+            .max_entries_per_series
+            .unwrap_or(defaults.limits.max_entries_per_series)
+            .max(2),
+        max_dedup_ids: raw
+            .input
+            .max_dedup_ids
+            .unwrap_or(defaults.limits.max_dedup_ids),
+        dedup_window,
+    };
+    let engine = EngineConfig {
+        clock,
+        limits,
+        lookahead_steps: raw
+            .engine
+            .lookahead_steps
+            .unwrap_or(defaults.lookahead_steps)
+            .max(1),
+        max_cached_customers: raw
+            .engine
+            .max_cached_customers
+            .unwrap_or(defaults.max_cached_customers),
+    };
+    let mapping = build_mapping(raw.input.mapping, file, errors);
+    let input = InputSettings {
+        topics: raw
+            .input
+            .topics
+            .unwrap_or_else(|| vec!["events".to_string()]),
+        max_event_bytes: raw.input.max_event_bytes.unwrap_or(65_536),
+        mapping,
+    };
+    let kafka = KafkaSettings {
+        brokers: raw.kafka.brokers.unwrap_or_else(|| "localhost:9092".into()),
+        group_id: raw.kafka.group_id.unwrap_or_else(|| "segmenter".into()),
+        client: raw.kafka.client,
+    };
+    let output = OutputSettings {
+        changes_topic: raw
+            .output
+            .changes_topic
+            .unwrap_or_else(|| "segment-changes".into()),
+        membership_topic: raw
+            .output
+            .membership_topic
+            .unwrap_or_else(|| "segment-membership".into()),
+        dlq_topic: raw
+            .output
+            .dlq_topic
+            .unwrap_or_else(|| "segmenter-dlq".into()),
+    };
+    let state = StateSettings {
+        dir: PathBuf::from(raw.state.dir.unwrap_or_else(|| "state".into())),
+        block_cache_bytes: raw.state.block_cache_mb.unwrap_or(128) << 20,
+        sync_writes: raw.state.sync_writes.unwrap_or(false),
+    };
+    Some(Settings {
+        program: Arc::new(program?),
+        engine,
+        max_future_skew,
+        input,
+        kafka,
+        output,
+        state,
+        http_listen: raw.http.listen.unwrap_or_else(|| "0.0.0.0:9898".into()),
+    })
+}
+
+fn build_mapping(raw: raw::RawMapping, file: &str, errors: &mut Vec<ConfigError>) -> FieldMapping {
+    let defaults = FieldMapping::default();
+    let mut pointer = |key: &str,
+                       value: Option<String>,
+                       default: Option<String>|
+     -> Option<String> {
+        match value {
+            None => default,
+            Some(text) if text.is_empty() => None,
+            Some(text) if text.starts_with('/') => Some(text),
+            Some(text) => {
+                errors.push(ConfigError {
+                    file: file.to_string(),
+                    position: None,
+                    message: format!("input.mapping.{key} = {text:?} is not a JSON pointer (it must start with '/')"),
+                });
+                default
+            }
+        }
+    };
+    let event_type = pointer("type", raw.event_type, defaults.event_type.clone());
+    let event_name = pointer("event", raw.event, Some(defaults.event_name.clone()))
+        .unwrap_or(defaults.event_name.clone());
+    let timestamp = pointer("timestamp", raw.timestamp, Some(defaults.timestamp.clone()))
+        .unwrap_or(defaults.timestamp.clone());
+    let message_id = pointer("message_id", raw.message_id, defaults.message_id.clone());
+    let properties = pointer("properties", raw.properties, defaults.properties.clone());
+    let traits = pointer("traits", raw.traits, defaults.traits.clone());
+    let customer_id = match raw.customer_id {
+        None => defaults.customer_id,
+        Some(list) => list
+            .into_iter()
+            .filter_map(|p| pointer("customer_id", Some(p), None))
+            .collect(),
+    };
+    if customer_id.is_empty() {
+        errors.push(ConfigError {
+            file: file.to_string(),
+            position: None,
+            message: "input.mapping.customer_id needs at least one JSON pointer".into(),
+        });
+    }
+    FieldMapping {
+        customer_id,
+        event_type,
+        event_name,
+        timestamp,
+        message_id,
+        properties,
+        traits,
+    }
+}
+
+#[cfg(test)]
+mod tests;

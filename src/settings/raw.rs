@@ -1,0 +1,113 @@
+//! The config file as written: serde structs that reject unknown keys. Validation into
+//! [`super::Settings`] happens in `mod.rs`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file. `S` is the segment entry type: spanned when read straight from TOML (for
+/// error positions), ignored when re-read through the `config` crate for environment overrides.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile<S> {
+    #[serde(default = "Vec::new")]
+    pub segment: Vec<S>,
+    /// Another TOML file holding `[[segment]]` entries, relative to this one.
+    pub segments_file: Option<String>,
+    #[serde(default)]
+    pub engine: RawEngine,
+    #[serde(default)]
+    pub input: RawInput,
+    #[serde(default)]
+    pub kafka: RawKafka,
+    #[serde(default)]
+    pub output: RawOutput,
+    #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
+    pub http: RawHttp,
+}
+
+/// A file that holds only segments (`segments_file`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSegmentsFile {
+    #[serde(default)]
+    pub segment: Vec<RawSegment>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSegment {
+    pub id: Spanned<String>,
+    pub description: Option<String>,
+    pub rule: Spanned<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEngine {
+    pub clock: Option<String>,
+    pub max_future_skew: Option<String>,
+    pub lookahead_steps: Option<usize>,
+    pub max_entries_per_series: Option<usize>,
+    pub max_cached_customers: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInput {
+    pub topics: Option<Vec<String>>,
+    pub max_event_bytes: Option<usize>,
+    pub dedup_window: Option<String>,
+    pub max_dedup_ids: Option<usize>,
+    #[serde(default)]
+    pub mapping: RawMapping,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMapping {
+    pub customer_id: Option<Vec<String>>,
+    /// JSON pointer of the event type; `""` means the schema has none.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    pub event: Option<String>,
+    pub timestamp: Option<String>,
+    pub message_id: Option<String>,
+    pub properties: Option<String>,
+    pub traits: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    pub brokers: Option<String>,
+    pub group_id: Option<String>,
+    /// Passed through to librdkafka unchanged (security.protocol, sasl.*, ssl.* …).
+    #[serde(default)]
+    pub client: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutput {
+    pub changes_topic: Option<String>,
+    pub membership_topic: Option<String>,
+    pub dlq_topic: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub dir: Option<String>,
+    pub block_cache_mb: Option<usize>,
+    pub sync_writes: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub listen: Option<String>,
+}

@@ -1,0 +1,74 @@
+//! Durable storage behind a narrow interface: point reads, ordered prefix scans and atomic
+//! write batches over a few tables. `keys.rs` owns the key layout, `codec.rs` the value
+//! encoding; `rocks.rs` is the only file that names RocksDB, `memory.rs` is for unit tests.
+
+pub mod codec;
+pub mod keys;
+pub mod memory;
+pub mod rocks;
+
+pub use memory::MemoryStore;
+pub use rocks::RocksStore;
+
+/// The logical tables (RocksDB column families).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// partition + customer id → encoded `CustomerState`.
+    Customers,
+    /// partition + due time + customer id → empty: timers in due order.
+    Timers,
+    /// Small bookkeeping values: partition clocks, feature layouts, offsets.
+    Meta,
+}
+
+impl Table {
+    pub const ALL: [Table; 3] = [Table::Customers, Table::Timers, Table::Meta];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Customers => "customers",
+            Table::Timers => "timers",
+            Table::Meta => "meta",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage i/o: {0}")]
+    Io(String),
+    #[error("corrupt value under {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// Key/value pairs returned by a scan, in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Puts and deletes applied together or not at all.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct WriteSet {
+    pub ops: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl WriteSet {
+    pub fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push((table, key, Some(value)));
+    }
+
+    pub fn delete(&mut self, table: Table, key: Vec<u8>) {
+        self.ops.push((table, key, None));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// What the engine needs from storage.
+pub trait Store: Send + Sync {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every entry whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError>;
+    /// Applies `writes` atomically.
+    fn write(&self, writes: WriteSet) -> Result<(), StoreError>;
+}
