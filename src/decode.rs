@@ -84,16 +84,87 @@ impl DecodeError {
     }
 }
 
+/// A JSON pointer split into its unescaped reference tokens once, so lookups on the hot path
+/// neither split nor allocate.
+#[derive(Debug, Clone, PartialEq)]
+struct Pointer {
+    tokens: Vec<String>,
+}
+
+impl Pointer {
+    fn parse(text: &str) -> Pointer {
+        let tokens = text
+            .split('/')
+            .skip(1)
+            .map(|token| token.replace("~1", "/").replace("~0", "~"))
+            .collect();
+        Pointer { tokens }
+    }
+
+    fn get<'a>(&self, document: &'a Value) -> Option<&'a Value> {
+        self.tokens
+            .iter()
+            .try_fold(document, |value, token| match value {
+                Value::Object(map) => map.get(token),
+                Value::Array(items) => token.parse::<usize>().ok().and_then(|i| items.get(i)),
+                _ => None,
+            })
+    }
+
+    fn take(&self, document: &mut Value) -> Option<Value> {
+        let mut value = document;
+        for token in &self.tokens {
+            value = match value {
+                Value::Object(map) => map.get_mut(token)?,
+                Value::Array(items) => items.get_mut(token.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
+        }
+        Some(value.take())
+    }
+}
+
+/// The mapping with its pointers parsed.
+#[derive(Debug, Clone)]
+struct Pointers {
+    customer_id: Vec<Pointer>,
+    event_type: Option<Pointer>,
+    event_name: Pointer,
+    timestamp: Pointer,
+    message_id: Option<Pointer>,
+    properties: Option<Pointer>,
+    traits: Option<Pointer>,
+}
+
 /// Decodes raw input documents with one field mapping and size limit.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     mapping: FieldMapping,
+    pointers: Pointers,
     max_bytes: usize,
 }
 
 impl Decoder {
     pub fn new(mapping: FieldMapping, max_bytes: usize) -> Self {
-        Decoder { mapping, max_bytes }
+        let optional = |text: &Option<String>| text.as_deref().map(Pointer::parse);
+        let pointers = Pointers {
+            customer_id: mapping
+                .customer_id
+                .iter()
+                .map(|p| Pointer::parse(p))
+                .collect(),
+            event_type: optional(&mapping.event_type),
+            event_name: Pointer::parse(&mapping.event_name),
+            timestamp: Pointer::parse(&mapping.timestamp),
+            message_id: optional(&mapping.message_id),
+            properties: optional(&mapping.properties),
+            traits: optional(&mapping.traits),
+        };
+        Decoder {
+            mapping,
+            pointers,
+            max_bytes,
+        }
     }
 
     /// Decodes one message; the size limit is checked before any parsing.
@@ -113,21 +184,22 @@ impl Decoder {
         if !document.is_object() {
             return Err(DecodeError::NotObject);
         }
-        let mapping = &self.mapping;
-        let customer_id = mapping
+        let pointers = &self.pointers;
+        let customer_id = pointers
             .customer_id
             .iter()
-            .find_map(|pointer| id_text(document.pointer(pointer)))
-            .ok_or_else(|| DecodeError::NoCustomerId(mapping.customer_id.join(", ")))?;
-        let name = document
-            .pointer(&mapping.event_name)
+            .find_map(|pointer| id_text(pointer.get(&document)))
+            .ok_or_else(|| DecodeError::NoCustomerId(self.mapping.customer_id.join(", ")))?;
+        let name = pointers
+            .event_name
+            .get(&document)
             .and_then(Value::as_str)
             .filter(|name| !name.is_empty())
             .map(str::to_string);
-        let kind = match &mapping.event_type {
+        let kind = match &pointers.event_type {
             Some(pointer) => {
-                let event_type = document
-                    .pointer(pointer)
+                let event_type = pointer
+                    .get(&document)
                     .ok_or(DecodeError::MissingType)?
                     .as_str()
                     .ok_or_else(|| DecodeError::UnknownType("(not a string)".into()))?;
@@ -138,20 +210,20 @@ impl Decoder {
                 None => EventKind::Identify,
             },
         };
-        let timestamp = match document.pointer(&mapping.timestamp) {
+        let timestamp = match pointers.timestamp.get(&document) {
             None | Some(Value::Null) => return Err(DecodeError::MissingTimestamp),
             Some(Value::String(text)) => time::parse_rfc3339(text),
             Some(Value::Number(number)) => time::from_epoch_number(number),
             Some(_) => Err(TimeError::WrongType),
         }
         .map_err(DecodeError::BadTimestamp)?;
-        let message_id = mapping
+        let message_id = pointers
             .message_id
-            .as_deref()
-            .and_then(|pointer| id_text(document.pointer(pointer)));
-        let properties = take_object(&mut document, mapping.properties.as_deref(), "properties")?;
+            .as_ref()
+            .and_then(|pointer| id_text(pointer.get(&document)));
+        let properties = take_object(&mut document, pointers.properties.as_ref(), "properties")?;
         let traits = match kind {
-            EventKind::Identify => take_object(&mut document, mapping.traits.as_deref(), "traits")?,
+            EventKind::Identify => take_object(&mut document, pointers.traits.as_ref(), "traits")?,
             EventKind::Activity { .. } => Map::new(),
         };
         Ok(Event {
@@ -192,13 +264,13 @@ fn id_text(value: Option<&Value>) -> Option<String> {
 
 fn take_object(
     document: &mut Value,
-    pointer: Option<&str>,
+    pointer: Option<&Pointer>,
     what: &'static str,
 ) -> Result<Map<String, Value>, DecodeError> {
     let Some(pointer) = pointer else {
         return Ok(Map::new());
     };
-    match document.pointer_mut(pointer).map(Value::take) {
+    match pointer.take(document) {
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(map)) => Ok(map),
         Some(_) => Err(DecodeError::NotAnObject(what)),
@@ -289,6 +361,22 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         let decoder = Decoder::new(FieldMapping::default(), 1 << 20);
         assert!(decoder.decode(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn pointers_unescape_and_index_arrays() {
+        let document: Value =
+            serde_json::from_str(r#"{"a/b":{"c~d":[10,{"e":1}]}}"#).expect("json");
+        assert_eq!(
+            Pointer::parse("/a~1b/c~0d/0").get(&document),
+            Some(&Value::from(10))
+        );
+        assert_eq!(
+            Pointer::parse("/a~1b/c~0d/1/e").get(&document),
+            Some(&Value::from(1))
+        );
+        assert_eq!(Pointer::parse("/a~1b/x").get(&document), None);
+        assert_eq!(Pointer::parse("").get(&document), Some(&document));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::store::rocks::{RocksOptions, RocksStore};
 use crate::store::StoreError;
 
 /// Events between two write-backs of state to RocksDB.
-const FLUSH_EVERY: u64 = 20_000;
+const FLUSH_EVERY: u64 = 100_000;
 
 /// Counts reported at the end of a replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -4,6 +4,8 @@
 //!
 //!     cargo run --release --bin bench_replay -- [--events N] [--customers N] [--rate EPS]
 //!         [--config config/segments.toml] [--until-days D]
+//!
+//! `BENCH_KEEP_INPUT=path` keeps a copy of the generated input (for profiling `replay` on it).
 
 use std::io::{BufWriter, Read};
 use std::path::{Path, PathBuf};
@@ -86,6 +88,9 @@ fn main() -> anyhow::Result<()> {
     write_ndjson(Generator::new(config.clone()), &mut file)?;
     drop(file);
     let input_bytes = std::fs::metadata(&input)?.len();
+    if let Ok(keep) = std::env::var("BENCH_KEEP_INPUT") {
+        std::fs::copy(&input, &keep).with_context(|| format!("copying the input to {keep}"))?;
+    }
     println!(
         "generated {} events ({} MB) over {} customers in {:.1} s",
         args.events,

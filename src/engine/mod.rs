@@ -12,9 +12,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::features::{CustomerState, Limits};
+use crate::features::{CustomerState, Limits, Touched};
 use crate::model::{Cause, Change, ChangeKind, Event, Millis};
-use crate::rules::{evaluate, next_change, Program};
+use crate::rules::{evaluate_dirty, next_change, Program};
 use crate::store::codec::{self, StateLayout};
 use crate::store::{keys, Store, StoreError, Table, WriteSet};
 
@@ -188,16 +188,16 @@ impl<S: Store> PartitionEngine<S> {
         customer: String,
         out: &mut Vec<Change>,
     ) -> Result<(), EngineError> {
-        let mut cached = self.take_cached(&customer)?;
-        if cached.state.timer != Some(due) {
-            self.cache.insert(customer, cached);
+        let mut state = self.check_out(&customer)?;
+        if state.timer != Some(due) {
+            self.check_in(&customer, state, false);
             return Ok(());
         }
-        cached.state.timer = None;
+        state.timer = None;
         self.stats.timers_fired += 1;
-        self.evaluate_customer(&customer, &mut cached.state, due, &Cause::Timer, out);
-        cached.dirty = true;
-        self.cache.insert(customer, cached);
+        let dirty = vec![false; self.program.segments.len()];
+        self.evaluate_customer(&customer, &mut state, due, &Cause::Timer, dirty, out);
+        self.check_in(&customer, state, true);
         Ok(())
     }
 
@@ -216,44 +216,63 @@ impl<S: Store> PartitionEngine<S> {
         };
         self.advance(now, out)?;
         let customer = event.customer_id.as_str();
-        let mut cached = self.take_cached(customer)?;
+        let mut state = self.check_out(customer)?;
         if let Some(message_id) = &event.message_id {
-            let duplicate = cached
-                .state
-                .is_duplicate(message_id, now, &self.config.limits);
-            if duplicate {
+            if state.is_duplicate(message_id, now, &self.config.limits) {
                 self.stats.duplicates += 1;
-                self.cache.insert(customer.to_string(), cached);
+                self.check_in(customer, state, false);
                 return Ok(Outcome::Duplicate);
             }
         }
-        cached
-            .state
-            .apply(&self.program.layout, event, now, &self.config.limits);
+        let touched = state.apply(&self.program.layout, event, now, &self.config.limits);
         let cause = Cause::Event {
             message_id: event.message_id.clone(),
         };
-        self.evaluate_customer(customer, &mut cached.state, now, &cause, out);
-        cached.dirty = true;
-        self.cache.insert(customer.to_string(), cached);
+        let dirty = self.dirty_for(&touched);
+        self.evaluate_customer(customer, &mut state, now, &cause, dirty, out);
+        self.check_in(customer, state, true);
         self.stats.applied += 1;
         Ok(Outcome::Applied)
     }
 
-    /// Re-evaluates a customer at `t`, records changes and reschedules its timer.
+    /// Re-evaluates the `dirty` segments of a customer at `t` (plus any whose check is due),
+    /// records changes, and reschedules the customer's timer at the earliest pending check.
     fn evaluate_customer(
         &mut self,
         customer: &str,
         state: &mut CustomerState,
         t: Millis,
         cause: &Cause,
+        mut dirty: Vec<bool>,
         out: &mut Vec<Change>,
     ) {
         let program = &self.program;
         state.prune(&program.layout, t);
-        let evaluation = evaluate(program, state, customer, t);
+        let never_evaluated = state.evaluated_at.is_none();
+        for (flag, membership) in dirty.iter_mut().zip(&state.memberships) {
+            *flag |= never_evaluated || membership.next_check.is_some_and(|check| check <= t);
+        }
+        let evaluation = evaluate_dirty(program, state, customer, t, dirty);
+        let pending = state
+            .memberships
+            .iter()
+            .zip(&evaluation.evaluated)
+            .filter(|(_, evaluated)| !**evaluated)
+            .filter_map(|(membership, _)| membership.next_check)
+            .min();
+        let checks = next_change(
+            program,
+            state,
+            customer,
+            &evaluation,
+            pending,
+            self.config.lookahead_steps,
+        );
         for (idx, segment) in program.segments.iter().enumerate() {
             let membership = &mut state.memberships[idx];
+            if evaluation.evaluated[idx] {
+                membership.next_check = checks[idx];
+            }
             let member = evaluation.members[idx];
             if membership.member == member {
                 continue;
@@ -276,14 +295,7 @@ impl<S: Store> PartitionEngine<S> {
             });
             self.stats.changes += 1;
         }
-        let next = next_change(
-            program,
-            state,
-            customer,
-            &evaluation.members,
-            &evaluation.candidates,
-            self.config.lookahead_steps,
-        );
+        let next = state.memberships.iter().filter_map(|m| m.next_check).min();
         state.evaluated_at = Some(t);
         if state.timer != next {
             if let Some(old) = state.timer {
@@ -296,20 +308,51 @@ impl<S: Store> PartitionEngine<S> {
         }
     }
 
-    fn take_cached(&mut self, customer: &str) -> Result<Cached, EngineError> {
-        if let Some(cached) = self.cache.remove(customer) {
-            return Ok(cached);
+    /// The segments an event's touched features can affect.
+    fn dirty_for(&self, touched: &Touched) -> Vec<bool> {
+        let program = &self.program;
+        let mut dirty = vec![false; program.segments.len()];
+        let readers = touched
+            .matchers
+            .iter()
+            .flat_map(|m| &program.matcher_readers[*m])
+            .chain(
+                touched
+                    .traits
+                    .iter()
+                    .flat_map(|t| &program.trait_readers[*t]),
+            );
+        for &idx in readers {
+            dirty[idx] = true;
+        }
+        dirty
+    }
+
+    /// Takes a customer's state out of the cache (loading it first if needed); the cache entry
+    /// stays, empty, until [`Self::check_in`] puts the state back.
+    fn check_out(&mut self, customer: &str) -> Result<CustomerState, EngineError> {
+        if let Some(cached) = self.cache.get_mut(customer) {
+            return Ok(std::mem::take(&mut cached.state));
         }
         let key = keys::customer(self.partition, customer);
         let state = match self.store.get(Table::Customers, &key)? {
             Some(bytes) => self.decode_state(customer, &bytes)?,
             None => CustomerState::new(&self.program.layout, self.program.segments.len()),
         };
-        Ok(Cached {
+        let placeholder = Cached {
             persisted_timer: state.timer,
-            state,
+            state: CustomerState::default(),
             dirty: false,
-        })
+        };
+        self.cache.insert(customer.to_string(), placeholder);
+        Ok(state)
+    }
+
+    fn check_in(&mut self, customer: &str, state: CustomerState, changed: bool) {
+        if let Some(cached) = self.cache.get_mut(customer) {
+            cached.state = state;
+            cached.dirty |= changed;
+        }
     }
 
     fn decode_state(&mut self, customer: &str, bytes: &[u8]) -> Result<CustomerState, EngineError> {

@@ -67,6 +67,16 @@ pub struct Membership {
     pub since: Millis,
     /// Transitions so far.
     pub seq: u64,
+    /// No change of this segment can happen before this instant without a new event reaching
+    /// its features (`None`: never). Segments untouched by an event keep their value and this.
+    pub next_check: Option<Millis>,
+}
+
+/// The matchers and traits one event changed: only segments reading them need re-evaluation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Touched {
+    pub matchers: Vec<usize>,
+    pub traits: Vec<usize>,
 }
 
 /// Everything segmenter keeps about one customer.
@@ -119,16 +129,26 @@ impl CustomerState {
         false
     }
 
-    /// Folds one event into the aggregates. `now` is the evaluation time the event is applied at
-    /// (≥ the event's time unless the event is late).
-    pub fn apply(&mut self, layout: &FeatureLayout, event: &Event, now: Millis, limits: &Limits) {
+    /// Folds one event into the aggregates and tells which matchers / traits it touched. `now`
+    /// is the evaluation time the event is applied at (≥ the event's time unless it is late).
+    pub fn apply(
+        &mut self,
+        layout: &FeatureLayout,
+        event: &Event,
+        now: Millis,
+        limits: &Limits,
+    ) -> Touched {
+        let mut touched = Touched::default();
         match &event.kind {
-            EventKind::Identify => self.apply_traits(layout, event),
-            EventKind::Activity { name } => self.apply_activity(layout, name, event, now, limits),
+            EventKind::Identify => self.apply_traits(layout, event, &mut touched),
+            EventKind::Activity { name } => {
+                self.apply_activity(layout, name, event, now, limits, &mut touched);
+            }
         }
+        touched
     }
 
-    fn apply_traits(&mut self, layout: &FeatureLayout, event: &Event) {
+    fn apply_traits(&mut self, layout: &FeatureLayout, event: &Event, touched: &mut Touched) {
         for (slot, key) in layout.traits.iter().enumerate() {
             let Some(value) = event.traits.get(key) else {
                 continue;
@@ -142,6 +162,7 @@ impl CustomerState {
                     value: value.clone(),
                     at: event.timestamp,
                 });
+                touched.traits.push(slot);
             }
         }
     }
@@ -153,12 +174,20 @@ impl CustomerState {
         event: &Event,
         now: Millis,
         limits: &Limits,
+        touched: &mut Touched,
     ) {
         let matched: Vec<bool> = layout
             .matchers
             .iter()
             .map(|matcher| matches(matcher, name, &event.properties))
             .collect();
+        touched.matchers.extend(
+            matched
+                .iter()
+                .enumerate()
+                .filter(|(_, hit)| **hit)
+                .map(|(idx, _)| idx),
+        );
         let ts = event.timestamp;
         for (spec, series) in layout.series.iter().zip(&mut self.series) {
             if !matched[spec.matcher] || ts <= now.saturating_sub(spec.retention) {

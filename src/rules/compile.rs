@@ -155,14 +155,92 @@ pub fn compile(defs: &[SegmentDef]) -> Result<Program, Vec<SegmentError>> {
             expr,
             depends_on,
             time_dependent,
+            dependents: Vec::new(),
         });
     }
+    for idx in 0..segments.len() {
+        for dep in segments[idx].depends_on.clone() {
+            segments[dep].dependents.push(idx);
+        }
+    }
+    let (matcher_readers, trait_readers) = readers(&segments, &eval_order, &builder.layout);
     Ok(Program {
         segments,
         eval_order,
         layout: builder.layout,
         version: hex(&program_hasher.finalize()[..8]),
+        matcher_readers,
+        trait_readers,
     })
+}
+
+/// Which segments read each matcher and trait, directly or through the segments they name.
+fn readers(
+    segments: &[CompiledSegment],
+    eval_order: &[usize],
+    layout: &FeatureLayout,
+) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+    fn collect(
+        expr: &CExpr,
+        layout: &FeatureLayout,
+        matchers: &mut Vec<usize>,
+        traits: &mut Vec<usize>,
+    ) {
+        let source_matcher = |source: &Source| match *source {
+            Source::Total(slot) => layout.totals[slot].matcher,
+            Source::Window { series, .. } => layout.series[series].matcher,
+        };
+        match expr {
+            CExpr::Count(source) | CExpr::Aggregate { source, .. } => {
+                matchers.push(source_matcher(source))
+            }
+            CExpr::Last(slot) | CExpr::First(slot) => matchers.push(layout.extremes[*slot]),
+            CExpr::Trait { slot, .. } => traits.push(*slot),
+            CExpr::Const(_) | CExpr::InSegment(_) | CExpr::Bucket(_) => {}
+            CExpr::Since(inner) | CExpr::Not(inner) | CExpr::Neg(inner) => {
+                collect(inner, layout, matchers, traits)
+            }
+            CExpr::IsNull { expr, .. } => collect(expr, layout, matchers, traits),
+            CExpr::And(a, b)
+            | CExpr::Or(a, b)
+            | CExpr::Arith(_, a, b)
+            | CExpr::Compare(_, a, b) => {
+                collect(a, layout, matchers, traits);
+                collect(b, layout, matchers, traits);
+            }
+            CExpr::In(a, items) => {
+                collect(a, layout, matchers, traits);
+                for item in items {
+                    collect(item, layout, matchers, traits);
+                }
+            }
+        }
+    }
+    let mut reads: Vec<(Vec<usize>, Vec<usize>)> = vec![(Vec::new(), Vec::new()); segments.len()];
+    for &idx in eval_order {
+        let (mut matchers, mut traits) = (Vec::new(), Vec::new());
+        collect(&segments[idx].expr, layout, &mut matchers, &mut traits);
+        for dep in &segments[idx].depends_on {
+            matchers.extend(reads[*dep].0.iter().copied());
+            traits.extend(reads[*dep].1.iter().copied());
+        }
+        matchers.sort_unstable();
+        matchers.dedup();
+        traits.sort_unstable();
+        traits.dedup();
+        reads[idx] = (matchers, traits);
+    }
+    let mut matcher_readers = vec![Vec::new(); layout.matchers.len()];
+    let mut trait_readers = vec![Vec::new(); layout.traits.len()];
+    for (idx, (matchers, traits)) in reads.iter().enumerate() {
+        for m in matchers {
+            matcher_readers[*m].push(idx);
+        }
+        for t in traits {
+            trait_readers[*t].push(idx);
+        }
+    }
+    (matcher_readers, trait_readers)
 }
 
 /// Kahn's algorithm, stable in definition order; segments on a cycle get an error at their

@@ -67,6 +67,8 @@ pub struct Evaluation {
     /// Per segment, the earliest later instant at which its value might change absent new
     /// events (`None`: never). A candidate, not a promise: the value may turn out the same.
     pub candidates: Vec<Option<Millis>>,
+    /// Which segments were evaluated (the others kept their stored membership).
+    pub evaluated: Vec<bool>,
 }
 
 /// A comparison whose sides move at different rates; it flips near `estimate`.
@@ -95,61 +97,92 @@ pub fn evaluate(
     customer_id: &str,
     t: Millis,
 ) -> Evaluation {
-    let mut ctx = Ctx::new(
+    evaluate_dirty(
         program,
         state,
-        fnv1a_64(customer_id.as_bytes()),
+        customer_id,
         t,
-        vec![false; program.segments.len()],
-    );
+        vec![true; program.segments.len()],
+    )
+}
+
+/// Evaluates the segments marked in `dirty` at `t`; the others keep their stored membership
+/// (valid because nothing they read changed and no timer of theirs is due). A segment whose value
+/// changes makes the segments that name it in `in_segment` dirty too. Candidates are `None` for
+/// segments not evaluated.
+pub fn evaluate_dirty(
+    program: &Program,
+    state: &CustomerState,
+    customer_id: &str,
+    t: Millis,
+    mut dirty: Vec<bool>,
+) -> Evaluation {
+    let members: Vec<bool> = state.memberships.iter().map(|m| m.member).collect();
+    let mut ctx = Ctx::new(program, state, fnv1a_64(customer_id.as_bytes()), t, members);
     let mut candidates = vec![None; program.segments.len()];
     for &idx in &program.eval_order {
+        if !dirty[idx] {
+            continue;
+        }
         let (value, candidate) = ctx.segment(idx);
+        if value != ctx.members[idx] {
+            for &dependent in &program.segments[idx].dependents {
+                dirty[dependent] = true;
+            }
+        }
         ctx.members[idx] = value;
         candidates[idx] = candidate;
     }
     Evaluation {
         members: ctx.members,
         candidates,
+        evaluated: dirty,
     }
 }
 
-/// The first instant after `t` at which some membership differs from `members`, given the
-/// per-segment candidates of the evaluation at `t`. Each segment walks its own candidate instants
-/// (at most `max_steps`) and only while they are earlier than the best answer so far; before
-/// that answer no membership changes, so `in_segment` reads the current `members`. A segment
-/// that runs out of steps contributes its next candidate as a re-check time, which is never later
-/// than its real change.
+/// Looks for the next change of each evaluated segment, walking its own candidate instants (at
+/// most `max_steps`) only while they are earlier than the best answer so far: before that answer
+/// no membership changes, so `in_segment` reads the current `members`. Returns, per evaluated
+/// segment, a lower bound of its next change (the change found, or the first instant not yet
+/// examined; `None`: no change ever without new events); `None` for segments not evaluated.
+/// `best` starts as the earliest pending check of the segments not evaluated.
 pub fn next_change(
     program: &Program,
     state: &CustomerState,
     customer_id: &str,
-    members: &[bool],
-    candidates: &[Option<Millis>],
+    evaluation: &Evaluation,
+    mut best: Option<Millis>,
     max_steps: usize,
-) -> Option<Millis> {
+) -> Vec<Option<Millis>> {
     let bucket_hash = fnv1a_64(customer_id.as_bytes());
-    let mut best: Option<Millis> = None;
     let before_best = |at: Millis, best: Option<Millis>| best.is_none_or(|b| at < b);
-    for (idx, first) in candidates.iter().enumerate() {
-        let mut candidate = *first;
+    let mut checks = vec![None; evaluation.candidates.len()];
+    for &idx in &program.eval_order {
+        if !evaluation.evaluated[idx] {
+            continue;
+        }
+        let mut candidate = evaluation.candidates[idx];
         let mut steps = 0;
-        while let Some(at) = candidate.filter(|at| before_best(*at, best)) {
+        while let Some(at) = candidate {
+            if !before_best(at, best) {
+                break;
+            }
             if steps == max_steps {
                 best = Some(at);
                 break;
             }
             steps += 1;
-            let mut ctx = Ctx::new(program, state, bucket_hash, at, members.to_vec());
+            let mut ctx = Ctx::new(program, state, bucket_hash, at, evaluation.members.clone());
             let (value, next) = ctx.segment(idx);
-            if value != members[idx] {
+            if value != evaluation.members[idx] {
                 best = Some(at);
                 break;
             }
             candidate = next.filter(|next| *next > at);
         }
+        checks[idx] = candidate;
     }
-    best
+    checks
 }
 
 impl<'p> Ctx<'p> {

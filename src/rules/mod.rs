@@ -12,5 +12,5 @@ pub mod program;
 
 pub use compile::{compile, SegmentDef, SegmentError};
 pub use error::{RuleError, Span};
-pub use eval::{evaluate, next_change, Evaluation};
+pub use eval::{evaluate, evaluate_dirty, next_change, Evaluation};
 pub use program::Program;

@@ -177,6 +177,8 @@ pub struct CompiledSegment {
     pub depends_on: Vec<usize>,
     /// True if the rule's value can change with time alone (windows, `since`).
     pub time_dependent: bool,
+    /// Segments whose rules name this one in `in_segment`.
+    pub dependents: Vec<usize>,
 }
 
 /// All segments, compiled together.
@@ -189,6 +191,10 @@ pub struct Program {
     pub layout: FeatureLayout,
     /// Hash of every segment version: identifies this set of definitions.
     pub version: String,
+    /// Per matcher, the segments whose value can depend on it (directly or via `in_segment`).
+    pub matcher_readers: Vec<Vec<usize>>,
+    /// Per stored trait, the segments whose value can depend on it.
+    pub trait_readers: Vec<Vec<usize>>,
 }
 
 impl Program {

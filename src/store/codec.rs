@@ -73,6 +73,7 @@ pub fn encode(state: &CustomerState, layout: &StateLayout) -> Vec<u8> {
         if membership.seq > 0 {
             put_varint(&mut out, membership.since as u64);
         }
+        put_opt_time(&mut out, membership.next_check);
     }
     put_varint(&mut out, state.series.len() as u64);
     for series in &state.series {
@@ -167,6 +168,8 @@ pub fn decode(
     Ok(reslot(raw, stored, current))
 }
 
+/// Carries state into a changed layout. Every segment is due for re-evaluation afterwards
+/// (`next_check` = the epoch), since its rule or the features it reads may have changed.
 fn reslot(raw: CustomerState, stored: &StateLayout, current: &StateLayout) -> CustomerState {
     fn pick<T: Clone + Default>(old: &[T], old_names: &[String], new_names: &[String]) -> Vec<T> {
         new_names
@@ -185,7 +188,13 @@ fn reslot(raw: CustomerState, stored: &StateLayout, current: &StateLayout) -> Cu
         totals: pick(&raw.totals, &stored.totals, &current.totals),
         extremes: pick(&raw.extremes, &stored.extremes, &current.extremes),
         traits: pick(&raw.traits, &stored.traits, &current.traits),
-        memberships: pick(&raw.memberships, &stored.segments, &current.segments),
+        memberships: pick(&raw.memberships, &stored.segments, &current.segments)
+            .into_iter()
+            .map(|membership| Membership {
+                next_check: Some(0),
+                ..membership
+            })
+            .collect(),
         seen: raw.seen,
         timer: raw.timer,
         evaluated_at: raw.evaluated_at,
@@ -206,10 +215,12 @@ fn decode_raw(bytes: &[u8]) -> Result<CustomerState, DecodeStateError> {
         let packed = reader.varint()?;
         let seq = packed >> 1;
         let since = if seq > 0 { reader.varint()? as i64 } else { 0 };
+        let next_check = reader.opt_time()?;
         state.memberships.push(Membership {
             member: packed & 1 == 1,
             since,
             seq,
+            next_check,
         });
     }
     for _ in 0..reader.len()? {
@@ -434,7 +445,7 @@ mod tests {
                 totals: vec![Total { count, values: count / 2, sum: 3.5, min: -1.0, max: 9.0 }],
                 extremes: vec![Extreme { first: Some(5), last: timer }],
                 traits: vec![trait_value.map(|v| TraitValue { value: serde_json::Value::String(v), at: 77 })],
-                memberships: vec![Membership { member, since: if seq > 0 { 1234 } else { 0 }, seq }],
+                memberships: vec![Membership { member, since: if seq > 0 { 1234 } else { 0 }, seq, next_check: timer }],
                 seen,
                 timer,
                 evaluated_at: Some(99),
@@ -466,6 +477,7 @@ mod tests {
             member: true,
             since: 10,
             seq: 1,
+            next_check: None,
         };
         let bytes = encode(&state, &old);
         let moved = decode(&bytes, &old, &new).expect("decodes");
@@ -476,9 +488,11 @@ mod tests {
             Membership {
                 member: true,
                 since: 10,
-                seq: 1
-            }
+                seq: 1,
+                next_check: Some(0),
+            },
+            "b carried over, due for re-evaluation"
         );
-        assert_eq!(moved.memberships[1], Membership::default(), "c is new");
+        assert_eq!(moved.memberships[1].seq, 0, "c is new");
     }
 }
