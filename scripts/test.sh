@@ -28,6 +28,9 @@ cargo build --release --all-targets --locked
 step "cargo clippy -D warnings"
 cargo clippy --release --all-targets --locked -- -D warnings
 
+step "reference implementation self-test (tools/segref)"
+python3 tools/segref/test_segref.py
+
 step "tests"
 cargo test --release --locked -- --test-threads=2
 

@@ -141,6 +141,10 @@ struct Pointers {
 pub struct Decoder {
     mapping: FieldMapping,
     pointers: Pointers,
+    /// The top-level keys any pointer starts with: only these are parsed into values, the rest
+    /// of a document (Segment's `context`, `integrations`…) is skipped without allocating.
+    /// `None` when a pointer names the whole document.
+    top_keys: Option<Vec<String>>,
     max_bytes: usize,
 }
 
@@ -160,9 +164,28 @@ impl Decoder {
             properties: optional(&mapping.properties),
             traits: optional(&mapping.traits),
         };
+        let all = pointers
+            .customer_id
+            .iter()
+            .chain([&pointers.event_name, &pointers.timestamp])
+            .chain(pointers.event_type.iter())
+            .chain(pointers.message_id.iter())
+            .chain(pointers.properties.iter())
+            .chain(pointers.traits.iter());
+        let mut top_keys = Vec::new();
+        let mut whole_document = false;
+        for pointer in all {
+            match pointer.tokens.first() {
+                Some(first) => top_keys.push(first.clone()),
+                None => whole_document = true,
+            }
+        }
+        top_keys.sort();
+        top_keys.dedup();
         Decoder {
             mapping,
             pointers,
+            top_keys: (!whole_document).then_some(top_keys),
             max_bytes,
         }
     }
@@ -175,8 +198,20 @@ impl Decoder {
                 limit: self.max_bytes,
             });
         }
-        let document: Value =
-            serde_json::from_slice(bytes).map_err(|err| DecodeError::NotJson(err.to_string()))?;
+        let document = match &self.top_keys {
+            Some(keys) => {
+                let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+                let pruned = serde::de::DeserializeSeed::deserialize(
+                    TopLevel { keep: keys },
+                    &mut deserializer,
+                )
+                .and_then(|document| deserializer.end().map(|()| document))
+                .map_err(|err| DecodeError::NotJson(err.to_string()))?;
+                pruned.ok_or(DecodeError::NotObject)?
+            }
+            None => serde_json::from_slice(bytes)
+                .map_err(|err| DecodeError::NotJson(err.to_string()))?,
+        };
         self.decode_value(document)
     }
 
@@ -234,6 +269,108 @@ impl Decoder {
             properties,
             traits,
         })
+    }
+}
+
+/// Deserializes a top-level JSON object keeping only the `keep` keys; `None` for any other JSON
+/// value (which is still fully checked for syntax).
+struct TopLevel<'k> {
+    keep: &'k [String],
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TopLevel<'_> {
+    type Value = Option<Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
+    type Value = Option<Value>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut kept = Map::new();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let name: &str = match &key {
+                Key::Borrowed(name) => name,
+                Key::Owned(name) => name,
+            };
+            if self.keep.iter().any(|wanted| wanted == name) {
+                kept.insert(name.to_string(), map.next_value::<Value>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Some(Value::Object(kept)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// An object key, borrowed from the input unless it contains escapes.
+enum Key<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("an object key")
+            }
+
+            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key::Borrowed(text))
+            }
+
+            fn visit_str<E>(self, text: &str) -> Result<Key<'de>, E> {
+                Ok(Key::Owned(text.to_string()))
+            }
+
+            fn visit_string<E>(self, text: String) -> Result<Key<'de>, E> {
+                Ok(Key::Owned(text))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
     }
 }
 
@@ -353,6 +490,33 @@ mod tests {
         assert_eq!(
             decoder().decode(&big).map_err(|e| e.reason()),
             Err("too_large")
+        );
+    }
+
+    #[test]
+    fn skipped_fields_are_still_checked_for_syntax() {
+        let valid = br#"{"type":"page","userId":"u","timestamp":1,"context":{"ip":"1.2.3.4","a":[1,{"b":null}]}}"#;
+        assert!(decoder().decode(valid).is_ok());
+        let broken = br#"{"type":"page","userId":"u","timestamp":1,"context":{"ip":}}"#;
+        assert_eq!(
+            decoder().decode(broken).map_err(|e| e.reason()),
+            Err("not_json")
+        );
+        let trailing = br#"{"type":"page","userId":"u","timestamp":1} x"#;
+        assert_eq!(
+            decoder().decode(trailing).map_err(|e| e.reason()),
+            Err("not_json")
+        );
+        for scalar in [&b"1"[..], b"\"x\"", b"true", b"null"] {
+            assert_eq!(
+                decoder().decode(scalar).map_err(|e| e.reason()),
+                Err("not_object")
+            );
+        }
+        let escaped_key = br#"{"type":"page","user\u0049d":"u","timestamp":1}"#;
+        assert_eq!(
+            decoder().decode(escaped_key).map(|e| e.customer_id),
+            Ok("u".to_string())
         );
     }
 

@@ -15,8 +15,9 @@ use crate::rules::Program;
 use crate::store::rocks::{RocksOptions, RocksStore};
 use crate::store::StoreError;
 
-/// Events between two write-backs of state to RocksDB.
-const FLUSH_EVERY: u64 = 100_000;
+/// Events between two write-backs of state to RocksDB (the engine's cache bound keeps memory
+/// in check between them).
+const FLUSH_EVERY: u64 = 250_000;
 
 /// Counts reported at the end of a replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

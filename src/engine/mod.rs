@@ -10,6 +10,8 @@
 //! the caller decides what else (outbox, input offsets) lands in the same atomic write.
 
 use std::collections::{BTreeSet, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use crate::features::{CustomerState, Limits, Touched};
@@ -95,7 +97,7 @@ pub struct PartitionEngine<S: Store> {
     config: EngineConfig,
     now: Option<Millis>,
     clock_dirty: bool,
-    cache: HashMap<String, Cached>,
+    cache: FxHashMap<String, Cached>,
     timers: BTreeSet<(Millis, String)>,
     stats: EngineStats,
 }
@@ -135,7 +137,7 @@ impl<S: Store> PartitionEngine<S> {
             config,
             now,
             clock_dirty: false,
-            cache: HashMap::new(),
+            cache: FxHashMap::default(),
             timers,
             stats: EngineStats::default(),
         })

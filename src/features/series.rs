@@ -47,8 +47,12 @@ impl Series {
             min: value.unwrap_or(f64::INFINITY),
             max: value.unwrap_or(f64::NEG_INFINITY),
         };
-        let at = self.entries.partition_point(|e| e.ts <= ts);
-        self.entries.insert(at, entry);
+        if self.entries.last().is_none_or(|newest| newest.ts <= ts) {
+            self.entries.push(entry);
+        } else {
+            let at = self.entries.partition_point(|e| e.ts <= ts);
+            self.entries.insert(at, entry);
+        }
         if self.entries.len() > max_entries.max(2) {
             let oldest = self.entries.remove(0);
             let next = &mut self.entries[0];
@@ -62,6 +66,13 @@ impl Series {
 
     /// Removes entries with `ts <= horizon`.
     pub fn prune(&mut self, horizon: Millis) {
+        if self
+            .entries
+            .first()
+            .is_none_or(|oldest| oldest.ts > horizon)
+        {
+            return;
+        }
         let keep_from = self.entries.partition_point(|e| e.ts <= horizon);
         if keep_from > 0 {
             self.entries.drain(..keep_from);

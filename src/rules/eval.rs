@@ -7,6 +7,7 @@
 //! millisecond; the search for it re-evaluates the comparison exactly at candidate instants, so
 //! floating-point rounding never makes a timer early or late.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use crate::features::{fnv1a_64, op_holds, CustomerState, WindowStats};
@@ -79,12 +80,14 @@ struct PendingFlip<'p> {
     estimate: f64,
 }
 
-struct Ctx<'p> {
+struct Ctx<'p, 'm> {
     program: &'p Program,
     state: &'p CustomerState,
     t: Millis,
     bucket_hash: u64,
-    members: Vec<bool>,
+    /// Memberships `in_segment` reads: owned while `evaluate_dirty` updates them, borrowed by
+    /// the look-ahead walks and probes.
+    members: Cow<'m, [bool]>,
     record: bool,
     breakpoint: Option<Millis>,
     flips: Vec<PendingFlip<'p>>,
@@ -118,7 +121,13 @@ pub fn evaluate_dirty(
     mut dirty: Vec<bool>,
 ) -> Evaluation {
     let members: Vec<bool> = state.memberships.iter().map(|m| m.member).collect();
-    let mut ctx = Ctx::new(program, state, fnv1a_64(customer_id.as_bytes()), t, members);
+    let mut ctx = Ctx::new(
+        program,
+        state,
+        fnv1a_64(customer_id.as_bytes()),
+        t,
+        Cow::Owned(members),
+    );
     let mut candidates = vec![None; program.segments.len()];
     for &idx in &program.eval_order {
         if !dirty[idx] {
@@ -130,11 +139,11 @@ pub fn evaluate_dirty(
                 dirty[dependent] = true;
             }
         }
-        ctx.members[idx] = value;
+        ctx.members.to_mut()[idx] = value;
         candidates[idx] = candidate;
     }
     Evaluation {
-        members: ctx.members,
+        members: ctx.members.into_owned(),
         candidates,
         evaluated: dirty,
     }
@@ -172,7 +181,13 @@ pub fn next_change(
                 break;
             }
             steps += 1;
-            let mut ctx = Ctx::new(program, state, bucket_hash, at, evaluation.members.clone());
+            let mut ctx = Ctx::new(
+                program,
+                state,
+                bucket_hash,
+                at,
+                Cow::Borrowed(&evaluation.members),
+            );
             let (value, next) = ctx.segment(idx);
             if value != evaluation.members[idx] {
                 best = Some(at);
@@ -185,13 +200,13 @@ pub fn next_change(
     checks
 }
 
-impl<'p> Ctx<'p> {
+impl<'p, 'm> Ctx<'p, 'm> {
     fn new(
         program: &'p Program,
         state: &'p CustomerState,
         bucket_hash: u64,
         t: Millis,
-        members: Vec<bool>,
+        members: Cow<'m, [bool]>,
     ) -> Self {
         Ctx {
             program,
@@ -403,7 +418,7 @@ impl<'p> Ctx<'p> {
             state: self.state,
             t: at,
             bucket_hash: self.bucket_hash,
-            members: self.members.clone(),
+            members: Cow::Borrowed(&self.members),
             record: false,
             breakpoint: None,
             flips: Vec::new(),
