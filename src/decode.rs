@@ -145,6 +145,8 @@ pub struct Decoder {
     /// of a document (Segment's `context`, `integrations`…) is skipped without allocating.
     /// `None` when a pointer names the whole document.
     top_keys: Option<Vec<String>>,
+    /// When set, only these keys of `properties` are kept (the rules read no others).
+    property_keys: Option<Vec<String>>,
     max_bytes: usize,
 }
 
@@ -186,7 +188,23 @@ impl Decoder {
             mapping,
             pointers,
             top_keys: (!whole_document).then_some(top_keys),
+            property_keys: None,
             max_bytes,
+        }
+    }
+
+    /// Keeps only `keys` of each event's properties (those the compiled rules read), so large
+    /// property payloads are skipped rather than parsed. Applies when `properties` is a
+    /// top-level field.
+    pub fn with_property_keys(mut self, keys: Vec<String>) -> Self {
+        self.property_keys = Some(keys);
+        self
+    }
+
+    fn properties_key(&self) -> Option<&str> {
+        match self.pointers.properties.as_ref()?.tokens.as_slice() {
+            [single] => Some(single),
+            _ => None,
         }
     }
 
@@ -201,12 +219,13 @@ impl Decoder {
         let document = match &self.top_keys {
             Some(keys) => {
                 let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-                let pruned = serde::de::DeserializeSeed::deserialize(
-                    TopLevel { keep: keys },
-                    &mut deserializer,
-                )
-                .and_then(|document| deserializer.end().map(|()| document))
-                .map_err(|err| DecodeError::NotJson(err.to_string()))?;
+                let seed = TopLevel {
+                    keep: keys,
+                    properties: self.properties_key().zip(self.property_keys.as_deref()),
+                };
+                let pruned = serde::de::DeserializeSeed::deserialize(seed, &mut deserializer)
+                    .and_then(|document| deserializer.end().map(|()| document))
+                    .map_err(|err| DecodeError::NotJson(err.to_string()))?;
                 pruned.ok_or(DecodeError::NotObject)?
             }
             None => serde_json::from_slice(bytes)
@@ -276,6 +295,8 @@ impl Decoder {
 /// value (which is still fully checked for syntax).
 struct TopLevel<'k> {
     keep: &'k [String],
+    /// The properties field and the keys of it to keep.
+    properties: Option<(&'k str, &'k [String])>,
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for TopLevel<'_> {
@@ -303,7 +324,10 @@ impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
                 Key::Borrowed(name) => name,
                 Key::Owned(name) => name,
             };
-            if self.keep.iter().any(|wanted| wanted == name) {
+            if let Some((field, keys)) = self.properties.filter(|(field, _)| *field == name) {
+                let properties = map.next_value_seed(Properties { keep: keys })?;
+                kept.insert(field.to_string(), properties);
+            } else if self.keep.iter().any(|wanted| wanted == name) {
                 kept.insert(name.to_string(), map.next_value::<Value>()?);
             } else {
                 map.next_value::<serde::de::IgnoredAny>()?;
@@ -339,6 +363,73 @@ impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
 
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
         Ok(None)
+    }
+}
+
+/// The `properties` object with only the `keep` keys; any other JSON value becomes `false`
+/// (still "not an object" to the decoder), `null` stays null.
+struct Properties<'k> {
+    keep: &'k [String],
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Properties<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Properties<'_> {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut kept = Map::new();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let name: &str = match &key {
+                Key::Borrowed(name) => name,
+                Key::Owned(name) => name,
+            };
+            if self.keep.iter().any(|wanted| wanted == name) {
+                kept.insert(name.to_string(), map.next_value::<Value>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Value::Object(kept))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Value::Bool(false))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
     }
 }
 
@@ -518,6 +609,25 @@ mod tests {
             decoder().decode(escaped_key).map(|e| e.customer_id),
             Ok("u".to_string())
         );
+    }
+
+    #[test]
+    fn only_the_properties_rules_read_are_kept() {
+        let decoder = decoder().with_property_keys(vec!["revenue".into()]);
+        let event = decoder
+            .decode(br#"{"type":"track","event":"O","userId":"u","timestamp":1,"properties":{"revenue":5,"products":[{"id":1}],"note":"x"}}"#)
+            .expect("valid");
+        assert_eq!(
+            Value::Object(event.properties),
+            serde_json::json!({"revenue": 5})
+        );
+        let bad = br#"{"type":"track","event":"O","userId":"u","timestamp":1,"properties":[1]}"#;
+        assert_eq!(
+            decoder.decode(bad).map_err(|e| e.reason()),
+            Err("bad_field")
+        );
+        let null = br#"{"type":"track","event":"O","userId":"u","timestamp":1,"properties":null}"#;
+        assert!(decoder.decode(null).is_ok());
     }
 
     #[test]

@@ -113,6 +113,32 @@ pub struct FeatureLayout {
 }
 
 impl FeatureLayout {
+    /// Every top-level event property any rule reads (in `where` or as an aggregated value):
+    /// the decoder can skip the others.
+    pub fn property_keys(&self) -> Vec<String> {
+        let conditions = self
+            .matchers
+            .iter()
+            .flat_map(|m| &m.conditions)
+            .map(|c| match c {
+                CCondition::Compare { path, .. }
+                | CCondition::In { path, .. }
+                | CCondition::IsNull { path, .. } => path,
+            });
+        let values = self
+            .series
+            .iter()
+            .filter_map(|s| s.property.as_ref())
+            .chain(self.totals.iter().filter_map(|t| t.property.as_ref()));
+        let mut keys: Vec<String> = conditions
+            .chain(values)
+            .filter_map(|path| path.first().cloned())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     /// Stable names of every stored feature, in slot order; two layouts with equal descriptors
     /// store the same thing in the same place. Used to carry state across definition changes.
     pub fn descriptors(&self) -> FeatureDescriptors {
