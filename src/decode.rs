@@ -208,6 +208,11 @@ impl Decoder {
         }
     }
 
+    /// The size limit, in bytes.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// Decodes one message; the size limit is checked before any parsing.
     pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
         if bytes.len() > self.max_bytes {

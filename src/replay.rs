@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::decode::Decoder;
+use crate::decode::{DecodeError, Decoder};
 use crate::engine::{ClockMode, EngineConfig, EngineError, Outcome, PartitionEngine};
 use crate::model::{Change, Millis};
 use crate::rules::Program;
@@ -70,21 +70,29 @@ pub fn replay(
     let mut line = Vec::with_capacity(1024);
     let mut input = input;
     let mut line_number = 0u64;
+    let line_limit = job.decoder.max_bytes() + 2;
     loop {
         line.clear();
-        let read = input
-            .read_until(b'\n', &mut line)
-            .map_err(ReplayError::Input)?;
-        if read == 0 {
+        let read =
+            read_line_bounded(&mut input, &mut line, line_limit).map_err(ReplayError::Input)?;
+        let Some(length) = read else {
             break;
-        }
+        };
         line_number += 1;
         let trimmed = trim_line(&line);
         if trimmed.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         summary.read += 1;
-        let event = match job.decoder.decode(trimmed) {
+        let decoded = if length > line.len() {
+            Err(DecodeError::TooLarge {
+                size: length - trailing_cr(&line),
+                limit: job.decoder.max_bytes(),
+            })
+        } else {
+            job.decoder.decode(trimmed)
+        };
+        let event = match decoded {
             Ok(event) => event,
             Err(err) => {
                 summary.rejected += 1;
@@ -125,12 +133,42 @@ fn write_changes(
     Ok(())
 }
 
-fn trim_line(line: &[u8]) -> &[u8] {
-    let mut end = line.len();
-    while end > 0 && matches!(line[end - 1], b'\n' | b'\r') {
-        end -= 1;
+/// Reads one line into `line` (without its `\n`), keeping at most `limit` bytes of it: an
+/// oversized line is still consumed to its end but never held in memory whole. Returns the
+/// line's full length, or `None` at the end of the input.
+fn read_line_bounded(
+    input: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<Option<usize>> {
+    let mut length = 0;
+    let mut any = false;
+    loop {
+        let chunk = input.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(any.then_some(length));
+        }
+        any = true;
+        let (take, newline) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(end) => (end, true),
+            None => (chunk.len(), false),
+        };
+        let room = limit.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..take.min(room)]);
+        input.consume(take + usize::from(newline));
+        length += take;
+        if newline {
+            return Ok(Some(length));
+        }
     }
-    &line[..end]
+}
+
+fn trim_line(line: &[u8]) -> &[u8] {
+    &line[..line.len() - trailing_cr(line)]
+}
+
+fn trailing_cr(line: &[u8]) -> usize {
+    usize::from(line.ends_with(b"\r"))
 }
 
 impl ReplaySummary {
@@ -147,5 +185,29 @@ impl ReplaySummary {
             self.read as f64 / seconds,
             seconds
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lines_are_truncated_not_buffered_and_the_next_line_survives() {
+        let mut text = vec![b'x'; 10_000];
+        text.extend_from_slice(b"\nshort\nlast");
+        let mut input = std::io::BufReader::with_capacity(64, &text[..]);
+        let mut line = Vec::new();
+        let mut next = |line: &mut Vec<u8>| {
+            line.clear();
+            read_line_bounded(&mut input, line, 100).expect("read")
+        };
+        assert_eq!(next(&mut line), Some(10_000));
+        assert_eq!(line.len(), 100);
+        assert_eq!(next(&mut line), Some(5));
+        assert_eq!(line, b"short");
+        assert_eq!(next(&mut line), Some(4));
+        assert_eq!(line, b"last");
+        assert_eq!(next(&mut line), None);
     }
 }
