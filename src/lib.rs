@@ -22,6 +22,7 @@ pub mod engine;
 pub mod features;
 pub mod generate;
 pub mod model;
+pub mod outbox;
 pub mod replay;
 pub mod rules;
 pub mod settings;

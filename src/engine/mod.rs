@@ -162,26 +162,40 @@ impl<S: Store> PartitionEngine<S> {
     /// Moves the clock forward to `now` (never back), firing every timer due at or before it in
     /// (due time, customer) order; each fires at its own due time.
     pub fn advance(&mut self, now: Millis, out: &mut Vec<Change>) -> Result<(), EngineError> {
-        if self.now.is_some_and(|current| current >= now) {
-            return self.fire_due(self.now.unwrap_or(now), out);
-        }
-        self.fire_due(now, out)?;
-        self.now = Some(now);
-        self.clock_dirty = true;
-        Ok(())
+        self.advance_bounded(now, usize::MAX, out).map(|_| ())
     }
 
-    fn fire_due(&mut self, now: Millis, out: &mut Vec<Change>) -> Result<(), EngineError> {
+    /// Like [`Self::advance`] but fires at most `max_timers`; if more are due the clock stops
+    /// just before the next unfired one and `true` is returned. This lets a burst of due timers
+    /// be interleaved with live traffic in slices; a customer whose own timer is still due when
+    /// one of its events arrives has that timer fired first (see [`Self::apply_event`]).
+    pub fn advance_bounded(&mut self, now: Millis, max_timers: usize, out: &mut Vec<Change>) -> Result<bool, EngineError> {
+        let mut fired = 0;
+        let mut reached = now;
         while let Some((due, _)) = self.timers.first() {
             if *due > now {
+                break;
+            }
+            if fired == max_timers {
+                reached = self.now.unwrap_or(*due).max(*due - 1);
                 break;
             }
             let Some((due, customer)) = self.timers.pop_first() else {
                 break;
             };
             self.fire(due, customer, out)?;
+            fired += 1;
         }
-        Ok(())
+        if self.now.is_none_or(|current| current < reached) {
+            self.now = Some(reached);
+            self.clock_dirty = true;
+        }
+        Ok(reached < now)
+    }
+
+    /// Timers due at or before `now`.
+    pub fn due_timers(&self, now: Millis) -> usize {
+        self.timers.iter().take_while(|(due, _)| *due <= now).count()
     }
 
     fn fire(
@@ -195,16 +209,22 @@ impl<S: Store> PartitionEngine<S> {
             self.check_in(&customer, state, false);
             return Ok(());
         }
-        state.timer = None;
-        self.stats.timers_fired += 1;
-        let dirty = vec![false; self.program.segments.len()];
-        self.evaluate_customer(&customer, &mut state, due, &Cause::Timer, dirty, out);
+        self.fire_state(&customer, &mut state, due, out);
         self.check_in(&customer, state, true);
         Ok(())
     }
 
+    /// Evaluates a customer whose timer is due at `due` (already removed from the index).
+    fn fire_state(&mut self, customer: &str, state: &mut CustomerState, due: Millis, out: &mut Vec<Change>) {
+        state.timer = None;
+        self.stats.timers_fired += 1;
+        let dirty = vec![false; self.program.segments.len()];
+        self.evaluate_customer(customer, state, due, &Cause::Timer, dirty, out);
+    }
+
     /// Applies one decoded event. In event-clock mode the clock first moves to the event's time
-    /// (firing due timers); in wall mode the caller has advanced it.
+    /// (firing due timers); in wall mode the caller has advanced it. Either way the customer's
+    /// own timer, if due, fires before the event is applied.
     pub fn apply_event(
         &mut self,
         event: &Event,
@@ -219,6 +239,10 @@ impl<S: Store> PartitionEngine<S> {
         self.advance(now, out)?;
         let customer = event.customer_id.as_str();
         let mut state = self.check_out(customer)?;
+        if let Some(due) = state.timer.filter(|due| *due <= now) {
+            self.timers.remove(&(due, customer.to_string()));
+            self.fire_state(customer, &mut state, due, out);
+        }
         if let Some(message_id) = &event.message_id {
             if state.is_duplicate(message_id, now, &self.config.limits) {
                 self.stats.duplicates += 1;

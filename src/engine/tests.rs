@@ -214,6 +214,43 @@ fn state_survives_a_restart_on_the_same_store() {
     );
 }
 
+#[test]
+fn bounded_advance_fires_in_slices_and_a_due_timer_precedes_its_customers_event() {
+    let program = program(&[("quiet", "since(last(any)) >= 100ms")]);
+    let store = Arc::new(MemoryStore::default());
+    let config = EngineConfig {
+        clock: ClockMode::Wall,
+        ..test_config()
+    };
+    let mut engine = PartitionEngine::open(0, program, store, config).expect("open");
+    let mut out = Vec::new();
+    engine.advance(0, &mut out).expect("advance");
+    for (customer, ts) in [("a", 0), ("b", 10), ("c", 20)] {
+        engine.advance(ts, &mut out).expect("advance");
+        engine
+            .apply_event(&track(customer, "page", ts, None, json!({})), &mut out)
+            .expect("apply");
+    }
+    assert!(out.is_empty());
+    let more = engine.advance_bounded(500, 1, &mut out).expect("slice");
+    assert!(more, "two timers still due");
+    assert_eq!(rows(&out), vec![("a".into(), "quiet".into(), ChangeKind::Entered, 100, 1, "timer")]);
+    assert_eq!(engine.now(), Some(109), "the clock stops before the next unfired timer");
+    out.clear();
+    engine
+        .apply_event(&track("c", "page", 115, None, json!({})), &mut out)
+        .expect("apply");
+    assert!(out.is_empty(), "c's timer (due 120) is not due at 109: {out:?}");
+    engine.advance(500, &mut out).expect("advance");
+    assert_eq!(
+        rows(&out),
+        vec![
+            ("b".into(), "quiet".into(), ChangeKind::Entered, 110, 1, "timer"),
+            ("c".into(), "quiet".into(), ChangeKind::Entered, 215, 1, "timer"),
+        ]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The naive reference: re-scans all of a customer's events at every millisecond.
 

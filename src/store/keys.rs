@@ -52,6 +52,36 @@ pub fn layout(layout_id: u64) -> Vec<u8> {
     key
 }
 
+/// `partition(4) seq(8)` in [`super::Table::Outbox`]: records in the order they were decided.
+pub fn outbox(partition: u32, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(12);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The sequence number of an outbox key.
+pub fn parse_outbox(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(4..12)?.try_into().ok()?))
+}
+
+/// `outbox_next/partition(4)` in Meta: the next outbox sequence number of the partition.
+pub fn outbox_next(partition: u32) -> Vec<u8> {
+    let mut key = b"outbox_next/".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// `offset/partition(4)/topic` in Meta: the next input offset to consume (everything before it
+/// is reflected in the state and the outbox).
+pub fn input_offset(partition: u32, topic: &str) -> Vec<u8> {
+    let mut key = b"offset/".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.push(b'/');
+    key.extend_from_slice(topic.as_bytes());
+    key
+}
+
 fn order_preserving(value: i64) -> [u8; 8] {
     ((value as u64) ^ (1 << 63)).to_be_bytes()
 }

@@ -19,16 +19,19 @@ pub enum Table {
     Timers,
     /// Small bookkeeping values: partition clocks, feature layouts, offsets.
     Meta,
+    /// partition + sequence → an encoded record waiting to be published (see `outbox`).
+    Outbox,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::Customers, Table::Timers, Table::Meta];
+    pub const ALL: [Table; 4] = [Table::Customers, Table::Timers, Table::Meta, Table::Outbox];
 
     pub fn name(self) -> &'static str {
         match self {
             Table::Customers => "customers",
             Table::Timers => "timers",
             Table::Meta => "meta",
+            Table::Outbox => "outbox",
         }
     }
 }
