@@ -17,12 +17,15 @@
 //! - `store`: key layout, value codec, RocksDB. `settings`: config file + env overrides.
 //! - `replay`: the offline command; `generate`: realistic synthetic traffic.
 
+pub mod app;
 pub mod decode;
 pub mod engine;
 pub mod features;
 pub mod generate;
+pub mod kafka;
 pub mod model;
 pub mod outbox;
+pub mod pipeline;
 pub mod replay;
 pub mod rules;
 pub mod settings;

@@ -3,6 +3,8 @@
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -31,6 +33,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the service: consume, segment, publish.
+    Run {
+        #[arg(long, default_value = "config/segmenter.toml")]
+        config: PathBuf,
+    },
     /// Validate the config and rules; print each segment's compiled plan.
     Check {
         #[arg(long, default_value = "config/segmenter.toml")]
@@ -54,11 +61,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Run { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .init();
     match run(cli) {
@@ -86,6 +97,18 @@ fn load_settings(config: &Path) -> Result<Settings, ExitCode> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run { config } => {
+            let settings = match load_settings(&config) {
+                Ok(settings) => settings,
+                Err(code) => return Ok(code),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(serve(settings))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { config } => {
             let settings = match load_settings(&config) {
                 Ok(settings) => settings,
@@ -138,6 +161,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{}", summary.line(elapsed));
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The service with signal handling: the first SIGTERM/SIGINT drains and stops (bounded by
+/// `engine.shutdown_timeout`), a second exits at once — safe, because nothing is acknowledged
+/// before it is durable.
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: draining (send another to exit at once)");
+        signals.store(true, Ordering::Relaxed);
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    segmenter::app::run(settings, shutdown).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

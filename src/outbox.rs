@@ -4,8 +4,8 @@
 //! loses nothing: on restart the remaining records are published again, in order, with the
 //! same deterministic change ids.
 
-use crate::model::{Change, ChangeKind};
 use crate::model::time::format_rfc3339;
+use crate::model::{Change, ChangeKind};
 
 /// One message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +63,12 @@ impl OutboxRecord {
     }
 
     /// A dead letter: the original message unchanged, with headers saying why and where from.
-    pub fn dead_letter(topics: &Topics, source: &SourceRef<'_>, reason: &str, detail: &str) -> OutboxRecord {
+    pub fn dead_letter(
+        topics: &Topics,
+        source: &SourceRef<'_>,
+        reason: &str,
+        detail: &str,
+    ) -> OutboxRecord {
         OutboxRecord {
             topic: topics.dlq.clone(),
             key: source.key.map(<[u8]>::to_vec),
@@ -72,8 +77,14 @@ impl OutboxRecord {
                 ("reason".into(), reason.as_bytes().to_vec()),
                 ("error".into(), detail.as_bytes().to_vec()),
                 ("source_topic".into(), source.topic.as_bytes().to_vec()),
-                ("source_partition".into(), source.partition.to_string().into_bytes()),
-                ("source_offset".into(), source.offset.to_string().into_bytes()),
+                (
+                    "source_partition".into(),
+                    source.partition.to_string().into_bytes(),
+                ),
+                (
+                    "source_offset".into(),
+                    source.offset.to_string().into_bytes(),
+                ),
             ],
         }
     }
@@ -195,7 +206,8 @@ mod tests {
         assert_eq!(exit.key.as_deref(), Some(&b"c-1/vip"[..]));
         assert_eq!(exit.payload, None);
         let enter = OutboxRecord::membership(&topics(), &change(ChangeKind::Entered));
-        let value: serde_json::Value = serde_json::from_slice(enter.payload.as_deref().unwrap_or_default()).expect("json");
+        let value: serde_json::Value =
+            serde_json::from_slice(enter.payload.as_deref().unwrap_or_default()).expect("json");
         assert_eq!(value["since"], "1970-01-01T00:00:01.000Z");
     }
 }

@@ -169,7 +169,12 @@ impl<S: Store> PartitionEngine<S> {
     /// just before the next unfired one and `true` is returned. This lets a burst of due timers
     /// be interleaved with live traffic in slices; a customer whose own timer is still due when
     /// one of its events arrives has that timer fired first (see [`Self::apply_event`]).
-    pub fn advance_bounded(&mut self, now: Millis, max_timers: usize, out: &mut Vec<Change>) -> Result<bool, EngineError> {
+    pub fn advance_bounded(
+        &mut self,
+        now: Millis,
+        max_timers: usize,
+        out: &mut Vec<Change>,
+    ) -> Result<bool, EngineError> {
         let mut fired = 0;
         let mut reached = now;
         while let Some((due, _)) = self.timers.first() {
@@ -195,7 +200,10 @@ impl<S: Store> PartitionEngine<S> {
 
     /// Timers due at or before `now`.
     pub fn due_timers(&self, now: Millis) -> usize {
-        self.timers.iter().take_while(|(due, _)| *due <= now).count()
+        self.timers
+            .iter()
+            .take_while(|(due, _)| *due <= now)
+            .count()
     }
 
     fn fire(
@@ -215,7 +223,13 @@ impl<S: Store> PartitionEngine<S> {
     }
 
     /// Evaluates a customer whose timer is due at `due` (already removed from the index).
-    fn fire_state(&mut self, customer: &str, state: &mut CustomerState, due: Millis, out: &mut Vec<Change>) {
+    fn fire_state(
+        &mut self,
+        customer: &str,
+        state: &mut CustomerState,
+        due: Millis,
+        out: &mut Vec<Change>,
+    ) {
         state.timer = None;
         self.stats.timers_fired += 1;
         let dirty = vec![false; self.program.segments.len()];

@@ -234,19 +234,50 @@ fn bounded_advance_fires_in_slices_and_a_due_timer_precedes_its_customers_event(
     assert!(out.is_empty());
     let more = engine.advance_bounded(500, 1, &mut out).expect("slice");
     assert!(more, "two timers still due");
-    assert_eq!(rows(&out), vec![("a".into(), "quiet".into(), ChangeKind::Entered, 100, 1, "timer")]);
-    assert_eq!(engine.now(), Some(109), "the clock stops before the next unfired timer");
+    assert_eq!(
+        rows(&out),
+        vec![(
+            "a".into(),
+            "quiet".into(),
+            ChangeKind::Entered,
+            100,
+            1,
+            "timer"
+        )]
+    );
+    assert_eq!(
+        engine.now(),
+        Some(109),
+        "the clock stops before the next unfired timer"
+    );
     out.clear();
     engine
         .apply_event(&track("c", "page", 115, None, json!({})), &mut out)
         .expect("apply");
-    assert!(out.is_empty(), "c's timer (due 120) is not due at 109: {out:?}");
+    assert!(
+        out.is_empty(),
+        "c's timer (due 120) is not due at 109: {out:?}"
+    );
     engine.advance(500, &mut out).expect("advance");
     assert_eq!(
         rows(&out),
         vec![
-            ("b".into(), "quiet".into(), ChangeKind::Entered, 110, 1, "timer"),
-            ("c".into(), "quiet".into(), ChangeKind::Entered, 215, 1, "timer"),
+            (
+                "b".into(),
+                "quiet".into(),
+                ChangeKind::Entered,
+                110,
+                1,
+                "timer"
+            ),
+            (
+                "c".into(),
+                "quiet".into(),
+                ChangeKind::Entered,
+                215,
+                1,
+                "timer"
+            ),
         ]
     );
 }

@@ -67,6 +67,8 @@ pub struct KafkaSettings {
     pub brokers: String,
     pub group_id: String,
     pub client: BTreeMap<String, String>,
+    pub consumer: BTreeMap<String, String>,
+    pub producer: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +76,17 @@ pub struct OutputSettings {
     pub changes_topic: String,
     pub membership_topic: String,
     pub dlq_topic: String,
+    pub partitions: Option<i32>,
+    pub replication_factor: i32,
+}
+
+/// How the service moves work through a partition.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PipelineSettings {
+    pub batch_size: usize,
+    pub timer_slice: usize,
+    pub max_outbox_backlog: usize,
+    pub shutdown_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +106,7 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub output: OutputSettings,
     pub state: StateSettings,
+    pub pipeline: PipelineSettings,
     pub http_listen: String,
 }
 
@@ -299,6 +313,11 @@ fn build(
         300_000,
     );
     let dedup_window = duration("input.dedup_window", raw.input.dedup_window, 86_400_000);
+    let shutdown_timeout = duration(
+        "engine.shutdown_timeout",
+        raw.engine.shutdown_timeout,
+        15_000,
+    );
     let clock = match raw.engine.clock.as_deref() {
         None | Some("wall") => ClockMode::Wall,
         Some("event") => ClockMode::Event,
@@ -350,6 +369,8 @@ fn build(
         brokers: raw.kafka.brokers.unwrap_or_else(|| "localhost:9092".into()),
         group_id: raw.kafka.group_id.unwrap_or_else(|| "segmenter".into()),
         client: raw.kafka.client,
+        consumer: raw.kafka.consumer,
+        producer: raw.kafka.producer,
     };
     let output = OutputSettings {
         changes_topic: raw
@@ -364,6 +385,14 @@ fn build(
             .output
             .dlq_topic
             .unwrap_or_else(|| "segmenter-dlq".into()),
+        partitions: raw.output.partitions,
+        replication_factor: raw.output.replication_factor.unwrap_or(1),
+    };
+    let pipeline = PipelineSettings {
+        batch_size: raw.engine.batch_size.unwrap_or(500).max(1),
+        timer_slice: raw.engine.timer_slice.unwrap_or(2000).max(1),
+        max_outbox_backlog: raw.engine.max_outbox_backlog.unwrap_or(100_000).max(1),
+        shutdown_timeout: std::time::Duration::from_millis(shutdown_timeout.max(0) as u64),
     };
     let state = StateSettings {
         dir: PathBuf::from(raw.state.dir.unwrap_or_else(|| "state".into())),
@@ -378,6 +407,7 @@ fn build(
         kafka,
         output,
         state,
+        pipeline,
         http_listen: raw.http.listen.unwrap_or_else(|| "0.0.0.0:9898".into()),
     })
 }

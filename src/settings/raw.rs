@@ -53,6 +53,14 @@ pub struct RawEngine {
     pub lookahead_steps: Option<usize>,
     pub max_entries_per_series: Option<usize>,
     pub max_cached_customers: Option<usize>,
+    /// Input messages handed to a partition worker at once.
+    pub batch_size: Option<usize>,
+    /// At most this many due timers fire between two input batches.
+    pub timer_slice: Option<usize>,
+    /// Unpublished outbox records per partition above which intake pauses.
+    pub max_outbox_backlog: Option<usize>,
+    /// How long SIGTERM waits for in-flight work to be published.
+    pub shutdown_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,9 +93,16 @@ pub struct RawMapping {
 pub struct RawKafka {
     pub brokers: Option<String>,
     pub group_id: Option<String>,
-    /// Passed through to librdkafka unchanged (security.protocol, sasl.*, ssl.* …).
+    /// Passed through to librdkafka unchanged for every client (security.protocol, sasl.*,
+    /// ssl.* …).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
+    /// Passed through to the consumer only (session.timeout.ms, fetch.* …).
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// Passed through to the producer only (linger.ms, compression.type …).
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +111,9 @@ pub struct RawOutput {
     pub changes_topic: Option<String>,
     pub membership_topic: Option<String>,
     pub dlq_topic: Option<String>,
+    /// Partitions of created output topics (default: as many as the input topics).
+    pub partitions: Option<i32>,
+    pub replication_factor: Option<i32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,0 +1,143 @@
+//! Wiring of the service (`segmenter run`) and its ordered shutdown: stop intake → each partition
+//! worker publishes what it can and commits → offsets committed to Kafka → producer flushed.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::decode::Decoder;
+use crate::kafka::consumer::{commit, group_consumer, poll_loop, InputSink};
+use crate::kafka::{self, AckBoard, KafkaSetupError, TopicSpec};
+use crate::outbox::Topics;
+use crate::pipeline::{Dispatcher, Shared};
+use crate::settings::Settings;
+use crate::store::rocks::{RocksOptions, RocksStore};
+
+/// Runs the service until `shutdown` is set (or a partition worker fails).
+pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let state_dir = &settings.state.dir;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    let store = Arc::new(open_store(state_dir, &settings)?);
+    let board = Arc::new(AckBoard::default());
+    let producer = Arc::new(kafka::producer(&settings.kafka, board.clone())?);
+    let decoder = Decoder::new(
+        settings.input.mapping.clone(),
+        settings.input.max_event_bytes,
+    )
+    .with_property_keys(settings.program.layout.property_keys());
+    let topics = Topics {
+        changes: settings.output.changes_topic.clone(),
+        membership: settings.output.membership_topic.clone(),
+        dlq: settings.output.dlq_topic.clone(),
+    };
+    let shared = Arc::new(Shared::new(
+        settings.program.clone(),
+        settings.engine,
+        store,
+        decoder,
+        producer.clone(),
+        board,
+        topics.clone(),
+        settings.pipeline,
+        settings.max_future_skew,
+    ));
+    let dispatcher = Arc::new(Dispatcher::new(shared));
+    let sink: Arc<dyn InputSink> = dispatcher.clone();
+    let consumer = group_consumer(&settings.kafka, sink)?;
+
+    let Some(partitions) = wait_for_inputs(&consumer, &settings, &shutdown).await? else {
+        return Ok(());
+    };
+    let output_partitions = settings.output.partitions.unwrap_or(partitions);
+    let specs = [
+        TopicSpec {
+            name: topics.changes.clone(),
+            partitions: output_partitions,
+            compact: false,
+        },
+        TopicSpec {
+            name: topics.membership.clone(),
+            partitions: output_partitions,
+            compact: true,
+        },
+        TopicSpec {
+            name: topics.dlq.clone(),
+            partitions: output_partitions,
+            compact: false,
+        },
+    ];
+    kafka::ensure_topics(
+        &settings.kafka,
+        &specs,
+        settings.output.replication_factor,
+        Duration::from_secs(30),
+    )
+    .await?;
+    tracing::info!(
+        input = ?settings.input.topics,
+        partitions,
+        segments = settings.program.segments.len(),
+        definitions = %settings.program.version,
+        "segmenter running"
+    );
+
+    let input_topics = settings.input.topics.clone();
+    let poll_shutdown = shutdown.clone();
+    let poller = dispatcher.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let polled = poll_loop(&consumer, &input_topics, &poll_shutdown);
+        poller.shutdown();
+        commit(
+            &consumer,
+            &poller.publishable_offsets(),
+            rdkafka::consumer::CommitMode::Sync,
+        );
+        drop(consumer);
+        polled
+    })
+    .await
+    .context("poll loop panicked")?;
+    rdkafka::producer::Producer::flush(&*producer, Duration::from_secs(5)).ok();
+    outcome?;
+    if let Some(reason) = dispatcher.failure_reason() {
+        anyhow::bail!("stopped after a failure: {reason}");
+    }
+    tracing::info!("segmenter stopped cleanly");
+    Ok(())
+}
+
+fn open_store(dir: &Path, settings: &Settings) -> anyhow::Result<RocksStore> {
+    let options = RocksOptions {
+        block_cache_bytes: settings.state.block_cache_bytes,
+        sync_writes: settings.state.sync_writes,
+    };
+    RocksStore::open(dir, options).with_context(|| format!("opening state in {}", dir.display()))
+}
+
+/// Waits until the input topics can be described (the broker may not be up yet); `None` if
+/// shut down meanwhile. Topics that exist but are not co-partitioned are a hard error.
+async fn wait_for_inputs(
+    consumer: &kafka::consumer::GroupConsumer,
+    settings: &Settings,
+    shutdown: &AtomicBool,
+) -> anyhow::Result<Option<i32>> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match kafka::input_partitions(consumer, &settings.input.topics, Duration::from_secs(5)) {
+            Ok(partitions) => return Ok(Some(partitions)),
+            Err(KafkaSetupError::NotCoPartitioned(detail)) => {
+                anyhow::bail!("input topics are not co-partitioned: {detail}")
+            }
+            Err(error) => tracing::warn!(%error, "waiting for kafka and the input topics"),
+        }
+        if shutdown.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,319 @@
+//! The only place that names rdkafka: client configuration, the idempotent producer and its
+//! delivery acknowledgements, topic checks and creation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+
+use crate::outbox::OutboxRecord;
+use crate::settings::KafkaSettings;
+
+pub mod consumer;
+
+/// Kafka-side failures, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    #[error("kafka: {what}: {source}")]
+    Client {
+        what: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("input topics are not co-partitioned: {0}")]
+    NotCoPartitioned(String),
+    #[error("input topic {0:?} does not exist")]
+    MissingInput(String),
+    #[error("creating topic {topic:?}: {reason}")]
+    Create { topic: String, reason: String },
+}
+
+fn client(what: impl Into<String>) -> impl FnOnce(KafkaError) -> KafkaSetupError {
+    let what = what.into();
+    move |source| KafkaSetupError::Client { what, source }
+}
+
+/// Brokers plus every `[kafka.client]` pass-through setting (security, SASL, TLS…).
+pub fn base_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    for (key, value) in &settings.client {
+        config.set(key, value);
+    }
+    config
+}
+
+/// Consumer settings: no auto-commit (segmenter stores its own offsets with the state),
+/// eager range assignment (partition p of every co-partitioned topic lands on one member),
+/// bounded prefetch.
+pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = base_config(settings);
+    for (key, value) in &settings.consumer {
+        config.set(key, value);
+    }
+    let defaults = [
+        ("group.id", settings.group_id.as_str()),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("partition.assignment.strategy", "range"),
+        ("queued.max.messages.kbytes", "8192"),
+        ("session.timeout.ms", "10000"),
+    ];
+    for (key, value) in defaults {
+        if config.get(key).is_none() {
+            config.set(key, value);
+        }
+    }
+    config.set("group.id", &settings.group_id);
+    config
+}
+
+/// Producer settings: idempotent (no duplicates or reordering from retries), acks from all
+/// replicas, retried forever (`message.timeout.ms=0`: the outbox holds a record until Kafka takes
+/// it), Java-compatible key partitioning.
+pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = base_config(settings);
+    for (key, value) in &settings.producer {
+        config.set(key, value);
+    }
+    let defaults = [
+        ("linger.ms", "5"),
+        ("compression.type", "lz4"),
+        ("partitioner", "murmur2_random"),
+        ("queue.buffering.max.messages", "200000"),
+    ];
+    for (key, value) in defaults {
+        if config.get(key).is_none() {
+            config.set(key, value);
+        }
+    }
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "0");
+    config
+}
+
+/// Acknowledgements from the producer's delivery callback, per input partition, for the
+/// partition workers to collect.
+#[derive(Default)]
+pub struct AckBoard {
+    acked: Mutex<HashMap<i32, Vec<u64>>>,
+    failed: Mutex<Vec<String>>,
+}
+
+impl AckBoard {
+    /// Outbox sequence numbers of `partition` acknowledged since the last call.
+    pub fn take(&self, partition: i32) -> Vec<u64> {
+        match self.acked.lock() {
+            Ok(mut acked) => acked.remove(&partition).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Permanent delivery failures since the last call.
+    pub fn take_failures(&self) -> Vec<String> {
+        match self.failed.lock() {
+            Ok(mut failed) => std::mem::take(&mut *failed),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// The producer's context: routes each delivery report to the [`AckBoard`].
+pub struct DeliveryContext {
+    pub board: Arc<AckBoard>,
+}
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    /// (input partition, outbox sequence number)
+    type DeliveryOpaque = Box<(i32, u64)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (partition, seq) = *opaque;
+        match result {
+            Ok(_) => {
+                if let Ok(mut acked) = self.board.acked.lock() {
+                    acked.entry(partition).or_default().push(seq);
+                }
+            }
+            Err((error, _)) => {
+                tracing::error!(partition, seq, %error, "delivery failed permanently");
+                if let Ok(mut failed) = self.board.failed.lock() {
+                    failed.push(format!(
+                        "partition {partition} outbox record {seq}: {error}"
+                    ));
+                }
+                if let Ok(mut acked) = self.board.acked.lock() {
+                    // Not retriable (e.g. larger than the broker accepts): count it as done so it
+                    // cannot block the partition; it was logged above.
+                    acked.entry(partition).or_default().push(seq);
+                }
+            }
+        }
+    }
+}
+
+pub type Producer = ThreadedProducer<DeliveryContext>;
+
+/// Enqueues one outbox record for delivery; its acknowledgement arrives on the [`AckBoard`]
+/// under (`partition`, `seq`). A full local queue means wait, never drop.
+pub fn send(
+    producer: &Producer,
+    partition: i32,
+    seq: u64,
+    record: &OutboxRecord,
+) -> Result<(), KafkaError> {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (name, value) in &record.headers {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value),
+        });
+    }
+    let mut base: BaseRecord<'_, [u8], [u8], Box<(i32, u64)>> =
+        BaseRecord::with_opaque_to(&record.topic, Box::new((partition, seq))).headers(headers);
+    if let Some(key) = &record.key {
+        base = base.key(key.as_slice());
+    }
+    if let Some(payload) = &record.payload {
+        base = base.payload(payload.as_slice());
+    }
+    loop {
+        match producer.send(base) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                base = returned;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((error, _)) => return Err(error),
+        }
+    }
+}
+
+/// Creates the idempotent producer.
+pub fn producer(
+    settings: &KafkaSettings,
+    board: Arc<AckBoard>,
+) -> Result<Producer, KafkaSetupError> {
+    producer_config(settings)
+        .create_with_context(DeliveryContext { board })
+        .map_err(client("creating the producer"))
+}
+
+/// Partition count of every input topic; they must all be equal (co-partitioned).
+pub fn input_partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<i32, KafkaSetupError> {
+    let mut counts = Vec::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(client(format!("reading metadata of {topic}")))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            return Err(KafkaSetupError::MissingInput(topic.clone()));
+        }
+        counts.push((topic.clone(), partitions as i32));
+    }
+    let first = counts.first().map_or(0, |(_, n)| *n);
+    if counts.iter().any(|(_, n)| *n != first) {
+        let listing: Vec<String> = counts.iter().map(|(t, n)| format!("{t}: {n}")).collect();
+        return Err(KafkaSetupError::NotCoPartitioned(format!(
+            "{} (every input topic needs the same partition count, keyed by customer id)",
+            listing.join(", ")
+        )));
+    }
+    Ok(first)
+}
+
+/// An output topic to make sure of.
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub compact: bool,
+}
+
+/// Creates the topics that do not exist yet (existing ones are left as they are).
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    specs: &[TopicSpec],
+    replication: i32,
+    timeout: Duration,
+) -> Result<(), KafkaSetupError> {
+    let probe: BaseConsumer = base_config(settings)
+        .create()
+        .map_err(client("creating a metadata client"))?;
+    let mut missing = Vec::new();
+    for spec in specs {
+        let metadata = probe
+            .fetch_metadata(Some(&spec.name), timeout)
+            .map_err(client(format!("reading metadata of {}", spec.name)))?;
+        let exists = metadata
+            .topics()
+            .first()
+            .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+        if !exists {
+            missing.push(spec);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = base_config(settings)
+        .create()
+        .map_err(client("creating the admin client"))?;
+    let topics: Vec<NewTopic<'_>> = missing
+        .iter()
+        .map(|spec| {
+            let topic = NewTopic::new(
+                &spec.name,
+                spec.partitions,
+                TopicReplication::Fixed(replication),
+            );
+            if spec.compact {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = admin
+        .create_topics(&topics, &options)
+        .await
+        .map_err(client("creating topics"))?;
+    for result in results {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, "created topic"),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::info!(topic = %name, "topic already exists");
+            }
+            Err((name, code)) => {
+                return Err(KafkaSetupError::Create {
+                    topic: name,
+                    reason: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! The service's data path: the Kafka poll loop hands messages to a [`Dispatcher`], which batches
+//! them per input partition number and feeds one [`worker::Worker`] thread per assigned partition.
+//! Rebalances start and stop workers; a revoked partition is flushed (state, outbox, offsets)
+//! before it is released.
+
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::decode::Decoder;
+use crate::engine::EngineConfig;
+use crate::kafka::consumer::{InputMessage, InputSink};
+use crate::kafka::{AckBoard, Producer};
+use crate::model::Millis;
+use crate::outbox::Topics;
+use crate::rules::Program;
+use crate::settings::PipelineSettings;
+use crate::store::{keys, RocksStore, Store, Table};
+
+use worker::{Worker, WorkerInput};
+
+/// Everything the workers share.
+pub struct Shared {
+    pub program: Arc<Program>,
+    pub engine: EngineConfig,
+    pub store: Arc<RocksStore>,
+    pub decoder: Decoder,
+    pub producer: Arc<Producer>,
+    pub board: Arc<AckBoard>,
+    pub topics: Topics,
+    pub pipeline: PipelineSettings,
+    pub max_future_skew: i64,
+    /// The wall clock (injectable for tests).
+    pub clock: Box<dyn Fn() -> Millis + Send + Sync>,
+    publishable: Mutex<HashMap<(String, i32), i64>>,
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        program: Arc<Program>,
+        engine: EngineConfig,
+        store: Arc<RocksStore>,
+        decoder: Decoder,
+        producer: Arc<Producer>,
+        board: Arc<AckBoard>,
+        topics: Topics,
+        pipeline: PipelineSettings,
+        max_future_skew: i64,
+    ) -> Shared {
+        Shared {
+            program,
+            engine,
+            store,
+            decoder,
+            producer,
+            board,
+            topics,
+            pipeline,
+            max_future_skew,
+            clock: Box::new(wall_clock_ms),
+            publishable: Mutex::new(HashMap::new()),
+            failure: Mutex::new(None),
+        }
+    }
+
+    fn publishable(&self, partition: i32, offsets: Vec<(String, i64)>) {
+        if let Ok(mut map) = self.publishable.lock() {
+            for (topic, offset) in offsets {
+                map.insert((topic, partition), offset);
+            }
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert(reason);
+        }
+    }
+}
+
+/// Milliseconds since the epoch, from the system clock.
+pub fn wall_clock_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+struct WorkerHandle {
+    inputs: SyncSender<WorkerInput>,
+    thread: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Routing {
+    workers: HashMap<i32, WorkerHandle>,
+    pending: HashMap<i32, Vec<InputMessage>>,
+}
+
+/// Batches input per partition and owns the partition workers.
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+    routing: Mutex<Routing>,
+}
+
+impl Dispatcher {
+    pub fn new(shared: Arc<Shared>) -> Dispatcher {
+        Dispatcher {
+            shared,
+            routing: Mutex::new(Routing::default()),
+        }
+    }
+
+    /// Stops every worker (each publishes what it can before the deadline).
+    pub fn shutdown(&self) {
+        let partitions: Vec<i32> = match self.routing.lock() {
+            Ok(routing) => routing.workers.keys().copied().collect(),
+            Err(_) => Vec::new(),
+        };
+        self.revoked(&partitions);
+    }
+
+    pub fn failure_reason(&self) -> Option<String> {
+        self.shared.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn send(&self, routing: &mut Routing, partition: i32) {
+        let Some(batch) = routing.pending.remove(&partition).filter(|b| !b.is_empty()) else {
+            return;
+        };
+        if let Some(worker) = routing.workers.get(&partition) {
+            // Blocks while the worker is busy: that is the backpressure on intake.
+            if worker.inputs.send(WorkerInput::Batch(batch)).is_err() {
+                self.shared
+                    .fail(format!("partition {partition}: worker stopped"));
+            }
+        }
+    }
+}
+
+impl InputSink for Dispatcher {
+    fn stored_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        let key = keys::input_offset(partition as u32, topic);
+        let bytes = self.shared.store.get(Table::Meta, &key).ok()??;
+        Some(i64::from_be_bytes(bytes.as_slice().try_into().ok()?))
+    }
+
+    fn assigned(&self, partitions: &[i32]) {
+        let Ok(mut routing) = self.routing.lock() else {
+            return;
+        };
+        for &partition in partitions {
+            if routing.workers.contains_key(&partition) {
+                continue;
+            }
+            let worker = match Worker::open(partition, self.shared.clone()) {
+                Ok(worker) => worker,
+                Err(error) => {
+                    self.shared
+                        .fail(format!("opening partition {partition}: {error}"));
+                    continue;
+                }
+            };
+            let (inputs, receiver) = sync_channel(4);
+            let spawned = std::thread::Builder::new()
+                .name(format!("partition-{partition}"))
+                .spawn(move || worker.run(receiver));
+            match spawned {
+                Ok(thread) => {
+                    routing
+                        .workers
+                        .insert(partition, WorkerHandle { inputs, thread });
+                }
+                Err(error) => self
+                    .shared
+                    .fail(format!("starting partition {partition}: {error}")),
+            }
+        }
+    }
+
+    fn revoked(&self, partitions: &[i32]) {
+        let handles: Vec<(i32, WorkerHandle)> = match self.routing.lock() {
+            Ok(mut routing) => partitions
+                .iter()
+                .filter_map(|p| {
+                    routing.pending.remove(p);
+                    routing.workers.remove(p).map(|w| (*p, w))
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let deadline = Instant::now() + self.shared.pipeline.shutdown_timeout;
+        for (partition, handle) in handles {
+            let (reply, done) = sync_channel(1);
+            if handle
+                .inputs
+                .send(WorkerInput::Stop { deadline, reply })
+                .is_ok()
+            {
+                let _ = done.recv();
+            }
+            if handle.thread.join().is_err() {
+                self.shared
+                    .fail(format!("partition {partition}: worker panicked"));
+            }
+            tracing::info!(partition, "partition released");
+        }
+    }
+
+    fn push(&self, message: InputMessage) {
+        let Ok(mut routing) = self.routing.lock() else {
+            return;
+        };
+        let partition = message.partition;
+        let batch = routing.pending.entry(partition).or_default();
+        batch.push(message);
+        if batch.len() >= self.shared.pipeline.batch_size {
+            self.send(&mut routing, partition);
+        }
+    }
+
+    fn idle(&self) {
+        let Ok(mut routing) = self.routing.lock() else {
+            return;
+        };
+        let partitions: Vec<i32> = routing.pending.keys().copied().collect();
+        for partition in partitions {
+            self.send(&mut routing, partition);
+        }
+    }
+
+    fn publishable_offsets(&self) -> Vec<(String, i32, i64)> {
+        match self.shared.publishable.lock() {
+            Ok(map) => map.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure_reason()
+    }
+}
