@@ -19,6 +19,7 @@
 
 pub mod app;
 pub mod decode;
+pub mod demo;
 pub mod engine;
 pub mod features;
 pub mod generate;

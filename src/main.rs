@@ -33,6 +33,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A live demo with no external services: in-process Kafka, generated traffic, the service,
+    /// and every change printed as it happens.
+    Demo {
+        /// Input events per second.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 2000)]
+        customers: u64,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Segment definitions to use instead of the built-in demo set.
+        #[arg(long)]
+        segments: Option<PathBuf>,
+    },
     /// Run the service: consume, segment, publish.
     Run {
         #[arg(long, default_value = "config/segmenter.toml")]
@@ -64,6 +79,11 @@ fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Run { .. } => "info",
         _ => "warn",
+    };
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn,segmenter=info"
+    } else {
+        default_level
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -97,6 +117,35 @@ fn load_settings(config: &Path) -> Result<Settings, ExitCode> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Demo {
+            rate,
+            customers,
+            duration,
+            segments,
+        } => {
+            let options = segmenter::demo::DemoOptions {
+                rate,
+                customers,
+                duration: duration.map(std::time::Duration::from_secs),
+                segments,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async {
+                let shutdown = Arc::new(AtomicBool::new(false));
+                let signals = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signals.store(true, Ordering::Relaxed);
+                    wait_for_signal().await;
+                    std::process::exit(130);
+                });
+                segmenter::demo::run(options, shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { config } => {
             let settings = match load_settings(&config) {
                 Ok(settings) => settings,
