@@ -19,6 +19,10 @@ if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends libclang-dev >/dev/null
 fi
 
+step "tansu broker for the Kafka tests (pinned, hash-checked, cached)"
+TANSU_BIN="$(./scripts/install-tansu.sh | tail -n 1)"
+export TANSU_BIN
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
