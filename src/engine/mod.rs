@@ -98,6 +98,8 @@ pub struct PartitionEngine<S: Store> {
     now: Option<Millis>,
     clock_dirty: bool,
     cache: FxHashMap<String, Cached>,
+    /// Customers changed since the last write-back.
+    dirty: Vec<String>,
     timers: BTreeSet<(Millis, String)>,
     stats: EngineStats,
 }
@@ -138,6 +140,7 @@ impl<S: Store> PartitionEngine<S> {
             now,
             clock_dirty: false,
             cache: FxHashMap::default(),
+            dirty: Vec::new(),
             timers,
             stats: EngineStats::default(),
         })
@@ -391,7 +394,10 @@ impl<S: Store> PartitionEngine<S> {
     fn check_in(&mut self, customer: &str, state: CustomerState, changed: bool) {
         if let Some(cached) = self.cache.get_mut(customer) {
             cached.state = state;
-            cached.dirty |= changed;
+            if changed && !cached.dirty {
+                cached.dirty = true;
+                self.dirty.push(customer.to_string());
+            }
         }
     }
 
@@ -423,10 +429,14 @@ impl<S: Store> PartitionEngine<S> {
     /// Afterwards the in-memory cache is trimmed to `max_cached_customers`.
     pub fn take_writes(&mut self) -> WriteSet {
         let mut writes = WriteSet::default();
-        for (customer, cached) in &mut self.cache {
+        for customer in std::mem::take(&mut self.dirty) {
+            let Some(cached) = self.cache.get_mut(&customer) else {
+                continue;
+            };
             if !cached.dirty {
                 continue;
             }
+            let customer = customer.as_str();
             let key = keys::customer(self.partition, customer);
             writes.put(
                 Table::Customers,
@@ -459,7 +469,8 @@ impl<S: Store> PartitionEngine<S> {
             self.clock_dirty = false;
         }
         if self.cache.len() > self.config.max_cached_customers {
-            let mut excess = self.cache.len() - self.config.max_cached_customers;
+            // Everything is clean now; drop down to 90 % of the bound so this scan is rare.
+            let mut excess = self.cache.len() - self.config.max_cached_customers * 9 / 10;
             self.cache.retain(|_, _| {
                 if excess == 0 {
                     return true;

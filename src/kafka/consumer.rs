@@ -105,6 +105,9 @@ impl ConsumerContext for SinkContext {
 
 pub type GroupConsumer = BaseConsumer<SinkContext>;
 
+/// Longest time a message waits in a partial batch before it is handed to its worker.
+const HANDOVER: Duration = Duration::from_millis(20);
+
 /// Creates the group consumer (not yet subscribed).
 pub fn group_consumer(
     settings: &KafkaSettings,
@@ -126,12 +129,19 @@ pub fn poll_loop(
     consumer.subscribe(&names).map_err(client("subscribing"))?;
     let sink = consumer.context().sink.clone();
     let mut last_commit = Instant::now();
+    let mut last_handover = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
         if let Some(reason) = sink.failure() {
             tracing::error!(%reason, "stopping intake");
             break;
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        // Partial batches are handed over at least every HANDOVER, so a trickle of input is not
+        // held back waiting for a full batch.
+        if last_handover.elapsed() >= HANDOVER {
+            sink.idle();
+            last_handover = Instant::now();
+        }
+        match consumer.poll(HANDOVER) {
             Some(Ok(message)) => sink.push(InputMessage {
                 topic: message.topic().to_string(),
                 partition: message.partition(),
@@ -141,7 +151,10 @@ pub fn poll_loop(
                 payload: message.payload().map(<[u8]>::to_vec),
             }),
             Some(Err(error)) => tracing::warn!(%error, "consumer error"),
-            None => sink.idle(),
+            None => {
+                sink.idle();
+                last_handover = Instant::now();
+            }
         }
         if last_commit.elapsed() >= Duration::from_secs(1) {
             commit(consumer, &sink.publishable_offsets(), CommitMode::Async);

@@ -91,6 +91,9 @@ pub fn wall_clock_ms() -> Millis {
         .map_or(0, |d| d.as_millis() as Millis)
 }
 
+/// Batches queued per partition worker.
+const QUEUED_BATCHES: usize = 64;
+
 struct WorkerHandle {
     inputs: SyncSender<WorkerInput>,
     thread: JoinHandle<()>,
@@ -166,7 +169,10 @@ impl InputSink for Dispatcher {
                     continue;
                 }
             };
-            let (inputs, receiver) = sync_channel(4);
+            // Deep enough that the poll thread can read past one partition's fetched chunk and
+            // keep the other workers busy (librdkafka hands out fetched data partition by
+            // partition); bounded, so a slow worker still pushes back on intake.
+            let (inputs, receiver) = sync_channel(QUEUED_BATCHES);
             let spawned = std::thread::Builder::new()
                 .name(format!("partition-{partition}"))
                 .spawn(move || worker.run(receiver));

@@ -154,6 +154,8 @@ impl Worker {
     }
 
     fn process(&mut self, batch: Vec<InputMessage>) -> Result<(), WorkerError> {
+        let started = Instant::now();
+        let size = batch.len();
         let mut records = Vec::new();
         if self.shared.engine.clock == ClockMode::Wall {
             let now = self.wall_clock();
@@ -208,7 +210,19 @@ impl Worker {
             self.engine.apply_event(&event, &mut self.changes)?;
             self.drain_changes(&mut records);
         }
-        self.commit(records)
+        let applied = started.elapsed();
+        let produced = records.len();
+        self.commit(records)?;
+        tracing::debug!(
+            partition = self.partition,
+            size,
+            produced,
+            apply_us = applied.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            unacked = self.unacked.len(),
+            "batch"
+        );
+        Ok(())
     }
 
     fn drain_changes(&mut self, records: &mut Vec<OutboxRecord>) {
