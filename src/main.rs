@@ -273,12 +273,13 @@ fn print_plan(program: &Program) {
         let _ = writeln!(out, "  {timing}");
     }
     let _ = writeln!(out, "\nper-customer state:");
-    for spec in &layout.series {
-        let property = spec
-            .property
-            .as_ref()
+    let property = |path: &Option<Vec<String>>| {
+        path.as_ref()
             .map(|p| format!(", property {:?}", p.join(".")))
-            .unwrap_or_default();
+            .unwrap_or_default()
+    };
+    for spec in &layout.series {
+        let property = property(&spec.property);
         let _ = writeln!(
             out,
             "  window series of {}{property}, kept {}",
@@ -287,11 +288,7 @@ fn print_plan(program: &Program) {
         );
     }
     for spec in &layout.totals {
-        let property = spec
-            .property
-            .as_ref()
-            .map(|p| format!(", property {:?}", p.join(".")))
-            .unwrap_or_default();
+        let property = property(&spec.property);
         let _ = writeln!(
             out,
             "  all-time totals of {}{property}",

@@ -8,8 +8,8 @@
 use serde_json::Value;
 
 use crate::model::{Event, EventKind, Millis};
-use crate::rules::ast::{BinOp, Literal};
-use crate::rules::program::{CCondition, CMatcher, FeatureLayout};
+use crate::rules::ast::{BinOp, Condition, Literal};
+use crate::rules::program::{CMatcher, FeatureLayout};
 
 mod series;
 
@@ -289,15 +289,15 @@ pub fn matches(
         }
     }
     matcher.conditions.iter().all(|condition| match condition {
-        CCondition::Compare { path, op, value } => {
+        Condition::Compare { path, op, value } => {
             value_at(properties, path).is_some_and(|actual| compare_literal(actual, *op, value))
         }
-        CCondition::In { path, values } => value_at(properties, path).is_some_and(|actual| {
+        Condition::In { path, values } => value_at(properties, path).is_some_and(|actual| {
             values
                 .iter()
                 .any(|value| compare_literal(actual, BinOp::Eq, value))
         }),
-        CCondition::IsNull { path, negated } => {
+        Condition::IsNull { path, negated } => {
             let is_null = value_at(properties, path).is_none_or(Value::is_null);
             is_null != *negated
         }

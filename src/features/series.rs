@@ -34,19 +34,26 @@ pub struct Series {
     pub entries: Vec<Entry>,
 }
 
-impl Series {
-    /// Inserts an event in time order. Past `max_entries` the two oldest entries are coalesced
-    /// into one stamped with the later time: the oldest events then leave windows up to that
-    /// gap late — never early — and every count, sum, min and max stays exact while they are in.
-    pub fn push(&mut self, ts: Millis, value: Option<f64>, max_entries: usize) {
-        let entry = Entry {
+impl Entry {
+    /// One event at `ts`, with its property value if it had a numeric one.
+    pub fn single(ts: Millis, value: Option<f64>) -> Entry {
+        Entry {
             ts,
             count: 1,
             values: u32::from(value.is_some()),
             sum: value.unwrap_or(0.0),
             min: value.unwrap_or(f64::INFINITY),
             max: value.unwrap_or(f64::NEG_INFINITY),
-        };
+        }
+    }
+}
+
+impl Series {
+    /// Inserts an event in time order. Past `max_entries` the two oldest entries are coalesced
+    /// into one stamped with the later time: the oldest events then leave windows up to that
+    /// gap late — never early — and every count, sum, min and max stays exact while they are in.
+    pub fn push(&mut self, ts: Millis, value: Option<f64>, max_entries: usize) {
+        let entry = Entry::single(ts, value);
         if self.entries.last().is_none_or(|newest| newest.ts <= ts) {
             self.entries.push(entry);
         } else {

@@ -97,6 +97,19 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// Milliseconds in one duration unit: `ms`, `s`, `m`, `h`, `d` or `w`.
+pub fn duration_unit(unit: &str) -> Option<i64> {
+    match unit {
+        "ms" => Some(1),
+        "s" => Some(1000),
+        "m" => Some(60_000),
+        "h" => Some(3_600_000),
+        "d" => Some(86_400_000),
+        "w" => Some(604_800_000),
+        _ => None,
+    }
+}
+
 /// Formats a duration in the rule language's units, e.g. `90s`, `1h`, `30d`, or `1234ms`.
 pub fn format_duration(millis: i64) -> String {
     const UNITS: [(i64, &str); 5] = [

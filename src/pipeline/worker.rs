@@ -157,15 +157,7 @@ impl Worker {
         let started = Instant::now();
         let size = batch.len();
         let mut records = Vec::new();
-        if self.shared.engine.clock == ClockMode::Wall {
-            let now = self.wall_clock();
-            self.engine.advance_bounded(
-                now,
-                self.shared.pipeline.timer_slice,
-                &mut self.changes,
-            )?;
-            self.drain_changes(&mut records);
-        }
+        self.fire_wall_timers(&mut records)?;
         for message in merge_by_timestamp(batch) {
             self.offsets
                 .insert(message.topic.clone(), message.offset + 1);
@@ -232,19 +224,23 @@ impl Worker {
         }
     }
 
+    /// In wall-clock mode, fires one bounded slice of due timers.
+    fn fire_wall_timers(&mut self, records: &mut Vec<OutboxRecord>) -> Result<(), WorkerError> {
+        if self.shared.engine.clock != ClockMode::Wall {
+            return Ok(());
+        }
+        let now = self.wall_clock();
+        self.engine
+            .advance_bounded(now, self.shared.pipeline.timer_slice, &mut self.changes)?;
+        self.drain_changes(records);
+        Ok(())
+    }
+
     /// Wall-clock timers (one bounded slice) and housekeeping of acknowledged records.
     fn tick(&mut self) -> Result<(), WorkerError> {
         self.collect_acks();
         let mut records = Vec::new();
-        if self.shared.engine.clock == ClockMode::Wall {
-            let now = self.wall_clock();
-            self.engine.advance_bounded(
-                now,
-                self.shared.pipeline.timer_slice,
-                &mut self.changes,
-            )?;
-            self.drain_changes(&mut records);
-        }
+        self.fire_wall_timers(&mut records)?;
         if !records.is_empty() || !self.acked.is_empty() {
             self.commit(records)?;
         }

@@ -7,12 +7,11 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
-use super::ast::{BinOp, Condition, Expr, ExprKind, Matcher};
+use super::ast::{BinOp, Expr, ExprKind, Matcher};
 use super::error::{RuleError, Span};
 use super::parser::parse;
 use super::program::{
-    CCondition, CExpr, CMatcher, CompiledSegment, Const, FeatureLayout, Program, SeriesSpec,
-    Source, TotalSpec,
+    CExpr, CMatcher, CompiledSegment, Const, FeatureLayout, Program, SeriesSpec, Source, TotalSpec,
 };
 use crate::model::change::hex;
 
@@ -325,25 +324,7 @@ impl LayoutBuilder {
         if let Some(idx) = self.layout.matchers.iter().position(|m| m.text == text) {
             return idx;
         }
-        let conditions = matcher
-            .conditions
-            .iter()
-            .map(|condition| match condition {
-                Condition::Compare { path, op, value } => CCondition::Compare {
-                    path: path.clone(),
-                    op: *op,
-                    value: value.clone(),
-                },
-                Condition::In { path, values } => CCondition::In {
-                    path: path.clone(),
-                    values: values.clone(),
-                },
-                Condition::IsNull { path, negated } => CCondition::IsNull {
-                    path: path.clone(),
-                    negated: *negated,
-                },
-            })
-            .collect();
+        let conditions = matcher.conditions.clone();
         self.layout.matchers.push(CMatcher {
             event: matcher.event.clone(),
             conditions,

@@ -444,20 +444,10 @@ impl<'p, 'm> Ctx<'p, 'm> {
             return None;
         }
         if differs(guess) {
-            let mut found = guess;
-            let mut low = self.t;
-            if found - 1 > low && !differs(found - 1) {
-                return Some(found);
+            if guess - 1 > self.t && !differs(guess - 1) {
+                return Some(guess);
             }
-            while found - low > 1 {
-                let mid = low + (found - low) / 2;
-                if differs(mid) {
-                    found = mid;
-                } else {
-                    low = mid;
-                }
-            }
-            return Some(found);
+            return Some(first_differing(self.t, guess, differs));
         }
         let mut low = guess;
         let mut step: i64 = 1;
@@ -467,16 +457,7 @@ impl<'p, 'm> Ctx<'p, 'm> {
                 return None;
             }
             if differs(high) {
-                let mut found = high;
-                while found - low > 1 {
-                    let mid = low + (found - low) / 2;
-                    if differs(mid) {
-                        found = mid;
-                    } else {
-                        low = mid;
-                    }
-                }
-                return Some(found);
+                return Some(first_differing(low, high, differs));
             }
             if high >= limit - 1 || step > (1 << 52) {
                 return None;
@@ -485,6 +466,20 @@ impl<'p, 'm> Ctx<'p, 'm> {
             step *= 2;
         }
     }
+}
+
+/// Binary search for the first instant in `(low, high]` where `differs` holds, given that it
+/// does not hold at `low`, holds at `high`, and is monotone in between.
+fn first_differing(mut low: Millis, mut high: Millis, differs: impl Fn(Millis) -> bool) -> Millis {
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        if differs(mid) {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    high
 }
 
 fn json_val(value: &Value) -> Val<'_> {

@@ -170,22 +170,14 @@ fn number_or_duration(text: &str, start: usize) -> Result<(Token, usize), RuleEr
             .map_err(|_| RuleError::new(span, format!("bad number {digits:?}")))?;
         return Ok((Token::Number(number), pos));
     }
-    let unit_ms: i64 = match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "w" => 604_800_000,
-        other => {
-            return Err(RuleError::new(
-                span,
-                format!(
-                    "bad duration unit {other:?} in {:?}: use ms, s, m, h, d or w",
-                    &text[start..pos]
-                ),
-            ))
-        }
+    let Some(unit_ms) = crate::model::time::duration_unit(unit) else {
+        return Err(RuleError::new(
+            span,
+            format!(
+                "bad duration unit {unit:?} in {:?}: use ms, s, m, h, d or w",
+                &text[start..pos]
+            ),
+        ));
     };
     if is_fraction {
         return Err(RuleError::new(

@@ -1,7 +1,7 @@
 //! The compiled form of the segment definitions: typed expression trees over feature slots, and the
 //! feature layout — exactly the per-customer aggregates the rules need, nothing more.
 
-use super::ast::{AggFunc, BinOp, Literal};
+use super::ast::{AggFunc, BinOp, Condition};
 
 /// A constant known at compile time.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,26 +62,10 @@ pub enum CExpr {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CMatcher {
     pub event: Option<String>,
-    pub conditions: Vec<CCondition>,
+    /// The `where` conditions, as parsed (they need no further compilation).
+    pub conditions: Vec<Condition>,
     /// Canonical text, e.g. `"Order Completed" where currency == "EUR"`.
     pub text: String,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum CCondition {
-    Compare {
-        path: Vec<String>,
-        op: BinOp,
-        value: Literal,
-    },
-    In {
-        path: Vec<String>,
-        values: Vec<Literal>,
-    },
-    IsNull {
-        path: Vec<String>,
-        negated: bool,
-    },
 }
 
 /// Per-event entries kept for windowed aggregates over one matcher (and property).
@@ -121,9 +105,9 @@ impl FeatureLayout {
             .iter()
             .flat_map(|m| &m.conditions)
             .map(|c| match c {
-                CCondition::Compare { path, .. }
-                | CCondition::In { path, .. }
-                | CCondition::IsNull { path, .. } => path,
+                Condition::Compare { path, .. }
+                | Condition::In { path, .. }
+                | Condition::IsNull { path, .. } => path,
             });
         let values = self
             .series

@@ -273,15 +273,7 @@ fn compile_segments(
 pub fn parse_duration(text: &str) -> Option<i64> {
     let digits_end = text.find(|c: char| !c.is_ascii_digit())?;
     let count: i64 = text[..digits_end].parse().ok()?;
-    let unit = match &text[digits_end..] {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "w" => 604_800_000,
-        _ => return None,
-    };
+    let unit = crate::model::time::duration_unit(&text[digits_end..])?;
     count.checked_mul(unit)
 }
 

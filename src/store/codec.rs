@@ -239,14 +239,7 @@ fn decode_raw(bytes: &[u8]) -> Result<CustomerState, DecodeStateError> {
                 } else {
                     None
                 };
-                Entry {
-                    ts,
-                    count: 1,
-                    values: u32::from(value.is_some()),
-                    sum: value.unwrap_or(0.0),
-                    min: value.unwrap_or(f64::INFINITY),
-                    max: value.unwrap_or(f64::NEG_INFINITY),
-                }
+                Entry::single(ts, value)
             } else {
                 let count = reader.varint()? as u32;
                 let values = reader.varint()? as u32;
