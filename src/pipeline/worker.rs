@@ -156,6 +156,8 @@ impl Worker {
     fn process(&mut self, batch: Vec<InputMessage>) -> Result<(), WorkerError> {
         let started = Instant::now();
         let size = batch.len();
+        let oldest = batch.iter().filter_map(|m| m.timestamp).min();
+        let intake_lag_ms = oldest.map_or(0, |ts| self.wall_clock() - ts);
         let mut records = Vec::new();
         self.fire_wall_timers(&mut records)?;
         for message in merge_by_timestamp(batch) {
@@ -209,6 +211,7 @@ impl Worker {
             partition = self.partition,
             size,
             produced,
+            intake_lag_ms,
             apply_us = applied.as_micros() as u64,
             total_us = started.elapsed().as_micros() as u64,
             unacked = self.unacked.len(),
