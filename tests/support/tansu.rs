@@ -16,7 +16,10 @@
 //! Each `Tansu` gets its own free port and temp dir; the broker's stdout/stderr go to
 //! `broker.log` in that dir, whose tail is in every startup error and is printed if the test
 //! panics. Storage is `memory://`: **everything (topics, records, committed offsets) is gone after
-//! `stop`/`restart`** — recreate topics after a restart. Dropping the `Tansu` kills the broker;
+//! `stop`/`restart`** — recreate topics after a restart. `start_with_storage("s3://tansu/", env)`
+//! keeps the data in an S3 bucket instead (see tests/service_broker_restart.rs, which serves one
+//! with moto), so a restarted broker still has it; stop such a broker with `terminate` (SIGTERM):
+//! after SIGKILL it has been seen to lose acknowledged records. Dropping the `Tansu` kills the broker;
 //! a test process killed with SIGKILL leaves it running (std has no parent-death signal).
 //!
 //! Known tansu behaviour (see tests/support/README.md): a consumer-group join takes about
@@ -52,6 +55,9 @@ pub struct Tansu {
     child: Option<Child>,
     port: u16,
     log: PathBuf,
+    /// `--storage-engine`, and environment for it (e.g. S3 credentials and endpoint).
+    storage: String,
+    storage_env: Vec<(String, String)>,
     // Last field: dropped after the child is killed in `Drop`.
     dir: tempfile::TempDir,
 }
@@ -60,6 +66,12 @@ impl Tansu {
     /// Starts a broker on a free 127.0.0.1 port and waits (up to 30 s) until it accepts TCP
     /// connections. Startup takes a few ms once the binary is installed.
     pub fn start() -> io::Result<Tansu> {
+        Tansu::start_with_storage("memory://tansu/", &[])
+    }
+
+    /// Like [`Tansu::start`] with another `--storage-engine` (e.g. `s3://tansu/`, which keeps
+    /// data across `restart`) and extra environment for the broker (`AWS_ENDPOINT`…).
+    pub fn start_with_storage(storage: &str, env: &[(&str, &str)]) -> io::Result<Tansu> {
         let bin = tansu_bin()?;
         let dir = tempfile::Builder::new().prefix("tansu-").tempdir()?;
         let log = dir.path().join("broker.log");
@@ -68,6 +80,11 @@ impl Tansu {
             child: None,
             port: 0,
             log,
+            storage: storage.to_string(),
+            storage_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             dir,
         };
         // The free port is found by binding port 0 and releasing it, so another process can take
@@ -140,6 +157,24 @@ impl Tansu {
         self.kill_child();
     }
 
+    /// Stops the broker with SIGTERM (as a rolling restart would), waiting up to `timeout` for it
+    /// to exit before killing it. Idempotent.
+    pub fn terminate(&mut self, timeout: Duration) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill_child();
+    }
+
     /// Stops the broker if running and starts a new one on the **same port** (clients keep their
     /// bootstrap address). The new broker is empty: memory storage loses every topic, record and
     /// committed offset, so recreate topics afterwards.
@@ -173,13 +208,16 @@ impl Tansu {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["broker", "--listener-url", &url])
             .args(["--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", &self.storage])
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         for var in TANSU_ENV {
             cmd.env_remove(var);
+        }
+        for (key, value) in &self.storage_env {
+            cmd.env(key, value);
         }
         let started = Instant::now();
         self.child = Some(cmd.spawn().map_err(|e| {

@@ -1,0 +1,958 @@
+//! Helpers for tests that run the real `segmenter run` binary against a tansu broker: a config
+//! writer, an input producer, output-topic readers, the service as a child process (SIGKILL /
+//! SIGTERM), `segmenter replay` as an oracle, and bounded waits with clear timeout messages.
+//!
+//! Include it next to the broker harness:
+//!
+//! ```ignore
+//! #[path = "support/tansu.rs"]
+//! mod tansu;
+//! #[path = "support/service.rs"]
+//! mod service;
+//! ```
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{DeliveryResult, Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _, ProducerContext};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use serde_json::Value;
+
+/// The service binary under test.
+pub const SEGMENTER: &str = env!("CARGO_BIN_EXE_segmenter");
+
+/// Milliseconds since the epoch, from the system clock.
+pub fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("system clock before 1970")
+        .as_millis() as i64
+}
+
+/// RFC 3339 UTC with milliseconds, the format of the change topic's `at`.
+pub fn rfc3339(ms: i64) -> String {
+    segmenter::model::time::format_rfc3339(ms)
+}
+
+/// Polls `check` every 50 ms until it yields a value or `timeout` passes; then panics with
+/// `what` and the last state `describe` reports.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+    describe: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; {}",
+                describe()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Configuration
+
+/// A service configuration for one test; [`TestConfig::write`] renders it as TOML (segments
+/// inline, so the same file also serves `segmenter replay`).
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub input_topics: Vec<String>,
+    /// `"event"` or `"wall"`.
+    pub clock: &'static str,
+    /// `[[segment]]` entries, as TOML.
+    pub segments: String,
+    pub max_event_bytes: usize,
+    pub batch_size: usize,
+    pub shutdown_timeout: &'static str,
+    pub state_dir: PathBuf,
+    pub changes_topic: String,
+    pub membership_topic: String,
+    pub dlq_topic: String,
+    /// `[kafka.consumer]` settings; `session.timeout.ms` = 6000 by default (tansu's group join
+    /// takes about half of it).
+    pub consumer: BTreeMap<String, String>,
+}
+
+impl TestConfig {
+    pub fn new(brokers: &str, state_dir: &Path, input_topics: &[&str], segments: &str) -> Self {
+        let consumer = BTreeMap::from([("session.timeout.ms".to_string(), "6000".to_string())]);
+        TestConfig {
+            brokers: brokers.to_string(),
+            group_id: "segmenter-test".into(),
+            input_topics: input_topics.iter().map(|t| t.to_string()).collect(),
+            clock: "event",
+            segments: segments.to_string(),
+            max_event_bytes: 65_536,
+            batch_size: 500,
+            shutdown_timeout: "10s",
+            state_dir: state_dir.to_path_buf(),
+            changes_topic: "segment-changes".into(),
+            membership_topic: "segment-membership".into(),
+            dlq_topic: "segmenter-dlq".into(),
+            consumer,
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        let quote = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        let topics: Vec<String> = self.input_topics.iter().map(|t| quote(t)).collect();
+        let mut out = String::new();
+        out.push_str(&self.segments);
+        out.push_str(&format!(
+            "\n[engine]\nclock = {}\nbatch_size = {}\nshutdown_timeout = {}\n",
+            quote(self.clock),
+            self.batch_size,
+            quote(self.shutdown_timeout)
+        ));
+        out.push_str(&format!(
+            "\n[input]\ntopics = [{}]\nmax_event_bytes = {}\n",
+            topics.join(", "),
+            self.max_event_bytes
+        ));
+        out.push_str(&format!(
+            "\n[kafka]\nbrokers = {}\ngroup_id = {}\n\n[kafka.consumer]\n",
+            quote(&self.brokers),
+            quote(&self.group_id)
+        ));
+        for (key, value) in &self.consumer {
+            out.push_str(&format!("{} = {}\n", quote(key), quote(value)));
+        }
+        out.push_str(&format!(
+            "\n[output]\nchanges_topic = {}\nmembership_topic = {}\ndlq_topic = {}\n",
+            quote(&self.changes_topic),
+            quote(&self.membership_topic),
+            quote(&self.dlq_topic)
+        ));
+        out.push_str(&format!(
+            "\n[state]\ndir = {}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            quote(&self.state_dir.display().to_string())
+        ));
+        out
+    }
+
+    /// Writes the config to `path` and returns it.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.to_toml())
+            .unwrap_or_else(|e| panic!("writing config {}: {e}", path.display()));
+        path.to_path_buf()
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The service process
+
+/// `segmenter run` as a child process; stdout and stderr go to a log file shared by every start
+/// of the same test (each start appends a marker line). Dropping it kills the process (SIGKILL);
+/// if the test is panicking, the log's tail is printed.
+pub struct Service {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    /// Where this start's output begins in the log.
+    log_start: u64,
+    started: Instant,
+}
+
+impl Service {
+    /// Starts `segmenter run --config CONFIG`, appending its output to `log`.
+    pub fn start(config: &Path, log: &Path) -> Service {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("opening service log {}: {e}", log.display()));
+        let log_start = file.metadata().map(|m| m.len()).unwrap_or(0);
+        writeln!(
+            file,
+            "=== test: starting segmenter run --config {}",
+            config.display()
+        )
+        .expect("writing the service log");
+        let mut cmd = Command::new(SEGMENTER);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("cloning the log file handle"))
+            .stderr(file);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("SEGMENTER__") {
+                cmd.env_remove(key);
+            }
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {SEGMENTER}: {e}"));
+        Service {
+            child: Some(child),
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+            log_start,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("service not running")
+    }
+
+    /// How long ago this process was started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Exit status if it has exited (without waiting).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("waiting for the service"))
+    }
+
+    /// Panics with the log tail if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.try_status() {
+            panic!(
+                "segmenter run exited unexpectedly ({status}); log:\n{}",
+                self.log_tail()
+            );
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal (`TERM`, `INT`…) with the `kill` command.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
+    pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Waits for the process to exit; `None` on timeout (the process is left running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// This start's output so far.
+    pub fn log_text(&self) -> String {
+        read_from(&self.log, self.log_start)
+    }
+
+    /// The last few KiB of the whole log (every start).
+    pub fn log_tail(&self) -> String {
+        let len = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        read_from(&self.log, len.saturating_sub(6000))
+    }
+
+    /// Waits until this start's output contains `needle`; panics (with the log) on timeout or
+    /// if the process exits first.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Some(status) = self.try_status() {
+                panic!(
+                    "segmenter run exited ({status}) before logging {needle:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for the service to log {needle:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the service has joined the group and has its partitions.
+    pub fn wait_assigned(&mut self) {
+        self.wait_for_log("partitions assigned", Duration::from_secs(60));
+    }
+
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill9();
+        if thread::panicking() {
+            eprintln!(
+                "--- segmenter log ({}), tail:\n{}",
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+    }
+}
+
+fn read_from(path: &Path, offset: u64) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut f = File::open(path)?;
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    read().unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
+}
+
+// ------------------------------------------------------------------------------------------
+// Producing input
+
+/// Counts delivery failures of the test producer.
+#[derive(Default)]
+pub struct DeliveryCounter {
+    failed: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = Some(error.to_string());
+            }
+        }
+    }
+}
+
+/// An idempotent producer for test input with explicit partitions and timestamps.
+pub struct InputProducer {
+    producer: BaseProducer<DeliveryCounter>,
+    sent: u64,
+}
+
+impl InputProducer {
+    pub fn new(brokers: &str) -> InputProducer {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "60000")
+            .create_with_context(DeliveryCounter::default())
+            .expect("creating the test producer");
+        InputProducer { producer, sent: 0 }
+    }
+
+    /// Enqueues one message (waits while the local queue is full).
+    pub fn send(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        timestamp_ms: i64,
+    ) {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+            .partition(partition)
+            .payload(payload)
+            .timestamp(timestamp_ms);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    returned,
+                )) => {
+                    record = returned;
+                    self.producer.poll(Duration::from_millis(20));
+                }
+                Err((error, _)) => panic!("producing to {topic}/{partition}: {error}"),
+            }
+        }
+        self.sent += 1;
+        if self.sent.is_multiple_of(256) {
+            self.producer.poll(Duration::ZERO);
+        }
+    }
+
+    /// Waits until everything sent is acknowledged; panics on any delivery failure.
+    pub fn flush(&self) {
+        self.producer
+            .flush(Duration::from_secs(60))
+            .expect("test producer: flush did not finish within 60 s");
+        let failed = self.producer.context().failed.load(Ordering::Relaxed);
+        let last = self
+            .producer
+            .context()
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|l| l.clone());
+        assert_eq!(
+            failed, 0,
+            "test producer: {failed} deliveries failed, last: {last:?}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Reading output
+
+/// One record read from a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Record {
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(self.key.as_deref().unwrap_or_default()).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The payload as JSON (panics with the bytes if it is not).
+    pub fn json(&self) -> Value {
+        let payload = self.payload.as_deref().unwrap_or_default();
+        serde_json::from_slice(payload).unwrap_or_else(|e| {
+            panic!(
+                "{}/{}@{}: payload is not JSON ({e}): {}",
+                self.topic,
+                self.partition,
+                self.offset,
+                String::from_utf8_lossy(payload)
+            )
+        })
+    }
+}
+
+/// A consumer assigned to every partition of one topic from the beginning (no group), which
+/// reads incrementally.
+pub struct TopicReader {
+    brokers: String,
+    topic: String,
+    consumer: BaseConsumer,
+    partitions: i32,
+    /// Next offset to read, per partition.
+    positions: HashMap<i32, i64>,
+    pub records: Vec<Record>,
+}
+
+impl TopicReader {
+    /// Assigns all partitions of `topic` (which must exist: a metadata request could otherwise
+    /// create it with tansu's defaults).
+    pub fn new(brokers: &str, topic: &str) -> TopicReader {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("test-reader-{topic}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("allow.auto.create.topics", "false")
+            .set("isolation.level", "read_uncommitted")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .expect("creating a test reader");
+        let partitions = wait_until(
+            &format!("metadata of topic {topic}"),
+            Duration::from_secs(30),
+            || {
+                let metadata = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .ok()?;
+                let t = metadata.topics().first()?;
+                (t.error().is_none() && !t.partitions().is_empty())
+                    .then(|| t.partitions().len() as i32)
+            },
+            || format!("topic {topic} has no partitions on {brokers}"),
+        );
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("adding a partition to the assignment");
+        }
+        consumer.assign(&list).expect("assigning the test reader");
+        TopicReader {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            consumer,
+            partitions,
+            positions: (0..partitions).map(|p| (p, 0)).collect(),
+            records: Vec::new(),
+        }
+    }
+
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    /// Polls for up to `duration`, then takes what is already fetched (for at most 2 s more);
+    /// returns how many new records arrived.
+    pub fn poll_for(&mut self, duration: Duration) -> usize {
+        let before = self.records.len();
+        let deadline = Instant::now() + duration;
+        let hard_deadline = deadline + Duration::from_secs(2);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.consumer.poll(left.min(Duration::from_millis(50))) {
+                Some(Ok(message)) => {
+                    let headers = message
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    self.positions
+                        .insert(message.partition(), message.offset() + 1);
+                    self.records.push(Record {
+                        topic: message.topic().to_string(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        timestamp: message.timestamp().to_millis(),
+                        key: message.key().map(<[u8]>::to_vec),
+                        payload: message.payload().map(<[u8]>::to_vec),
+                        headers,
+                    });
+                }
+                Some(Err(error)) => eprintln!("test reader {}: {error}", self.topic),
+                None if Instant::now() >= deadline => return self.records.len() - before,
+                None => {}
+            }
+            if Instant::now() >= hard_deadline {
+                return self.records.len() - before;
+            }
+        }
+    }
+
+    /// Total of the partitions' high watermarks now.
+    pub fn high_watermarks(&self) -> HashMap<i32, i64> {
+        (0..self.partitions)
+            .map(|p| {
+                let (_, high) = self
+                    .consumer
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("watermarks of {}/{p}: {e}", self.topic));
+                (p, high)
+            })
+            .collect()
+    }
+
+    /// Reads until every partition reaches the high watermark it had when called.
+    pub fn read_to_end(&mut self) -> &[Record] {
+        let highs = self.high_watermarks();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let behind: Vec<(i32, i64, i64)> = highs
+                .iter()
+                .filter(|(p, high)| self.positions.get(p).copied().unwrap_or(0) < **high)
+                .map(|(p, high)| (*p, self.positions.get(p).copied().unwrap_or(0), *high))
+                .collect();
+            if behind.is_empty() {
+                return &self.records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "test reader of {} on {}: still behind after 60 s (partition, at, high): {behind:?}",
+                self.topic,
+                self.brokers
+            );
+            self.poll_for(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Every record of `topic` up to its current end.
+pub fn read_all(brokers: &str, topic: &str) -> Vec<Record> {
+    let mut reader = TopicReader::new(brokers, topic);
+    reader.read_to_end();
+    reader.records
+}
+
+// ------------------------------------------------------------------------------------------
+// Changes and the replay oracle
+
+/// A change event's JSON, with accessors.
+pub trait ChangeJson {
+    fn s(&self, field: &str) -> &str;
+    fn seq(&self) -> u64;
+}
+
+impl ChangeJson for Value {
+    fn s(&self, field: &str) -> &str {
+        self.get(field)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("change without string field {field:?}: {self}"))
+    }
+
+    fn seq(&self) -> u64 {
+        self.get("seq")
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("change without seq: {self}"))
+    }
+}
+
+/// Runs `segmenter replay --config CONFIG --input FILE` over `lines` (written to a file in
+/// `dir` named `name`); returns the change events it prints.
+pub fn replay(config: &Path, dir: &Path, name: &str, lines: &[Vec<u8>]) -> Vec<Value> {
+    let input = dir.join(name);
+    let mut text = Vec::new();
+    for line in lines {
+        assert!(
+            !line.contains(&b'\n'),
+            "replay input line contains a newline"
+        );
+        text.extend_from_slice(line);
+        text.push(b'\n');
+    }
+    std::fs::write(&input, text).expect("writing replay input");
+    let out = Command::new(SEGMENTER)
+        .args(["replay", "--config"])
+        .arg(config)
+        .arg("--input")
+        .arg(&input)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running segmenter replay");
+    assert!(
+        out.status.success(),
+        "segmenter replay failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("replay output is UTF-8")
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("replay line {line:?}: {e}"))
+        })
+        .collect()
+}
+
+/// Groups change events by customer, keeping their order.
+pub fn by_customer(changes: &[Value]) -> BTreeMap<String, Vec<Value>> {
+    let mut map: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for change in changes {
+        map.entry(change.s("customer_id").to_string())
+            .or_default()
+            .push(change.clone());
+    }
+    map
+}
+
+/// Asserts that per (customer, segment) the seqs are exactly 1..n and the changes alternate,
+/// starting with `entered`. `changes` must hold each change once.
+pub fn assert_seq_alternation(changes: &[Value]) {
+    let mut per: BTreeMap<(String, String), Vec<(u64, String)>> = BTreeMap::new();
+    for change in changes {
+        per.entry((
+            change.s("customer_id").to_string(),
+            change.s("segment").to_string(),
+        ))
+        .or_default()
+        .push((change.seq(), change.s("change").to_string()));
+    }
+    for ((customer, segment), mut list) in per {
+        list.sort();
+        for (i, (seq, kind)) in list.iter().enumerate() {
+            let expected_kind = if i % 2 == 0 { "entered" } else { "exited" };
+            assert!(
+                *seq == i as u64 + 1 && kind == expected_kind,
+                "{customer}/{segment}: transitions are not 1..n alternating from entered: {list:?}"
+            );
+        }
+    }
+}
+
+/// A small shared flag/counter for background threads.
+pub type Shared<T> = Arc<Mutex<T>>;
+
+// ------------------------------------------------------------------------------------------
+// Input from the generator
+
+/// One input message: where it goes and what it is.
+#[derive(Debug, Clone)]
+pub struct InputLine {
+    pub topic: String,
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    /// The Kafka timestamp to produce with.
+    pub timestamp_ms: i64,
+    /// Whether the service must dead-letter it.
+    pub malformed: bool,
+}
+
+/// `fnv1a_64(utf8(customer))`, the partitioner of the tests (any stable hash would do).
+pub fn fnv1a(text: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The customer id of a Segment-Spec line (`userId`, else `anonymousId`), if it has one.
+pub fn customer_of(line: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(line).ok()?;
+    ["userId", "anonymousId"]
+        .iter()
+        .find_map(|key| value.get(*key).and_then(Value::as_str).map(str::to_string))
+        .filter(|id| !id.is_empty())
+}
+
+/// `events` lines of [`segmenter::generate::Generator`] traffic for one topic, each placed on
+/// partition `fnv1a(customer) % partitions` (lines without a customer by their index), keyed by
+/// the customer and stamped with the generator's stream time.
+pub fn generated_input(
+    topic: &str,
+    partitions: i32,
+    config: segmenter::generate::GeneratorConfig,
+) -> Vec<InputLine> {
+    use segmenter::generate::{Generator, LineKind};
+    let mut generator = Generator::new(config);
+    let mut lines = Vec::new();
+    let mut index = 0u64;
+    while let Some(generated) = generator.next_line() {
+        let payload = generated.line.into_bytes();
+        let customer = customer_of(&payload);
+        let partition = match &customer {
+            Some(id) => fnv1a(id) % partitions as u64,
+            None => index % partitions as u64,
+        } as i32;
+        lines.push(InputLine {
+            topic: topic.to_string(),
+            partition,
+            key: customer.map(String::into_bytes),
+            payload,
+            timestamp_ms: generated.stream_time_ms,
+            malformed: matches!(generated.kind, LineKind::Malformed(_)),
+        });
+        index += 1;
+    }
+    lines
+}
+
+/// Produces `lines` in order and waits for all acknowledgements.
+pub fn produce_all(brokers: &str, lines: &[InputLine]) {
+    let mut producer = InputProducer::new(brokers);
+    for line in lines {
+        producer.send(
+            &line.topic,
+            line.partition,
+            line.key.as_deref(),
+            &line.payload,
+            line.timestamp_ms,
+        );
+    }
+    producer.flush();
+}
+
+/// The oracle: for every partition, `segmenter replay` over that partition's lines in Kafka
+/// timestamp order (stable, so one topic's lines keep their order); all their changes.
+pub fn expected_changes(config: &Path, dir: &Path, lines: &[InputLine]) -> Vec<Value> {
+    let mut per_partition: BTreeMap<i32, Vec<&InputLine>> = BTreeMap::new();
+    for line in lines {
+        per_partition.entry(line.partition).or_default().push(line);
+    }
+    let mut all = Vec::new();
+    for (partition, mut list) in per_partition {
+        list.sort_by_key(|l| l.timestamp_ms);
+        let payloads: Vec<Vec<u8>> = list.iter().map(|l| l.payload.clone()).collect();
+        all.extend(replay(
+            config,
+            dir,
+            &format!("replay-partition-{partition}.ndjson"),
+            &payloads,
+        ));
+    }
+    all
+}
+
+/// Change events keyed by `id`; panics if two records with one id differ.
+pub fn distinct_by_id(records: &[Record]) -> (BTreeMap<String, Value>, usize) {
+    let mut map: BTreeMap<String, Value> = BTreeMap::new();
+    let mut duplicates = 0;
+    for record in records {
+        let change = record.json();
+        let id = change.s("id").to_string();
+        match map.get(&id) {
+            Some(previous) => {
+                assert_eq!(
+                    previous, &change,
+                    "two change records with id {id} differ (at {}/{})",
+                    record.partition, record.offset
+                );
+                duplicates += 1;
+            }
+            None => {
+                map.insert(id, change);
+            }
+        }
+    }
+    (map, duplicates)
+}
+
+/// Asserts that the distinct changes `got` (by id) are exactly `expected`, reporting how many
+/// are missing or unexpected and a few examples of each.
+pub fn assert_same_changes(got: &BTreeMap<String, Value>, expected: &[Value], context: &str) {
+    let want: BTreeMap<String, Value> = expected
+        .iter()
+        .map(|c| (c.s("id").to_string(), c.clone()))
+        .collect();
+    let missing: Vec<String> = want
+        .iter()
+        .filter(|(id, _)| !got.contains_key(*id))
+        .map(|(_, c)| c.to_string())
+        .collect();
+    let extra: Vec<String> = got
+        .iter()
+        .filter(|(id, _)| !want.contains_key(*id))
+        .map(|(_, c)| c.to_string())
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{context}: {} of {} expected changes missing, {} unexpected\nfirst missing:\n  {}\nfirst unexpected:\n  {}",
+        missing.len(),
+        want.len(),
+        extra.len(),
+        missing.iter().take(5).cloned().collect::<Vec<_>>().join("\n  "),
+        extra.iter().take(5).cloned().collect::<Vec<_>>().join("\n  ")
+    );
+    for (id, change) in &want {
+        assert_eq!(&got[id], change, "{context}: payload of change {id}");
+    }
+}
+
+/// Waits until the service's consumer group has committed, for every partition of `topics`, the
+/// current end offset (it commits what is processed and published about once a second).
+pub fn wait_committed(brokers: &str, group: &str, topics: &[&str], service: &mut Service) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("creating an offsets reader");
+    let mut ends = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+        let partitions = metadata
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len());
+        for p in 0..partitions as i32 {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("watermarks of {topic}/{p}: {e}"));
+            ends.add_partition_offset(topic, p, Offset::Offset(high))
+                .expect("adding a partition");
+        }
+    }
+    let behind = |committed: &TopicPartitionList| -> Vec<String> {
+        ends.elements()
+            .iter()
+            .filter_map(|end| {
+                let Offset::Offset(high) = end.offset() else {
+                    return None;
+                };
+                let at = committed
+                    .find_partition(end.topic(), end.partition())
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                (at < high).then(|| format!("{}/{}: {at} of {high}", end.topic(), end.partition()))
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let committed = consumer
+            .committed_offsets(ends.clone(), Duration::from_secs(10))
+            .expect("reading committed offsets");
+        let lagging = behind(&committed);
+        if lagging.is_empty() {
+            return;
+        }
+        service.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "group {group} has not committed the input within 60 s: {lagging:?}; log:\n{}",
+            service.log_tail()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
