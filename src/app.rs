@@ -44,6 +44,7 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         topics.clone(),
         settings.pipeline,
         settings.max_future_skew,
+        settings.input.topics.clone(),
     ));
     let dispatcher = Arc::new(Dispatcher::new(shared));
     let sink: Arc<dyn InputSink> = dispatcher.clone();

@@ -834,12 +834,12 @@ rule = 'count("x", 4s) >= 1'
 
 /// SPEC §2: a worker "takes records across its topics in timestamp order where it can". With a
 /// backlog on both co-partitioned topics (after a restart or any lag) every record is already in
-/// the broker, so the service can. It merges only within a micro-batch, though, and a batch is
-/// filled from whatever fetch response arrived first (one topic-partition's records at a time),
-/// so thousands of `clicks` are applied before the `orders` stamped between them; the output
-/// then differs from `segmenter replay` over the timestamp-ordered input.
+/// the broker, so the service can: fetch responses arrive one topic-partition at a time, so the
+/// worker buffers per topic and takes the earliest head while both have data (src/pipeline/
+/// merge.rs). Before that buffering, thousands of `clicks` were applied before the `orders`
+/// stamped between them and the output differed from `segmenter replay` over the
+/// timestamp-ordered input.
 #[test]
-#[ignore = "known service bug: cross-topic order is lost under backlog (see the test's doc)"]
 fn backlog_on_two_topics_is_merged_in_timestamp_order() {
     let fx = Fixture::new(&[("clicks", 1), ("orders", 1)]);
     let brokers = fx.broker.bootstrap();

@@ -3,6 +3,7 @@
 //! Rebalances start and stop workers; a revoked partition is flushed (state, outbox, offsets)
 //! before it is released.
 
+pub mod merge;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -34,6 +35,10 @@ pub struct Shared {
     pub topics: Topics,
     pub pipeline: PipelineSettings,
     pub max_future_skew: i64,
+    /// The input topics (co-partitioned), and how long a worker waits for a quiet one when
+    /// ordering across them.
+    pub input_topics: Vec<String>,
+    pub max_merge_wait: std::time::Duration,
     /// The wall clock (injectable for tests).
     pub clock: Box<dyn Fn() -> Millis + Send + Sync>,
     publishable: Mutex<HashMap<(String, i32), i64>>,
@@ -52,6 +57,7 @@ impl Shared {
         topics: Topics,
         pipeline: PipelineSettings,
         max_future_skew: i64,
+        input_topics: Vec<String>,
     ) -> Shared {
         Shared {
             program,
@@ -63,6 +69,8 @@ impl Shared {
             topics,
             pipeline,
             max_future_skew,
+            input_topics,
+            max_merge_wait: pipeline.max_merge_wait,
             clock: Box::new(wall_clock_ms),
             publishable: Mutex::new(HashMap::new()),
             failure: Mutex::new(None),
@@ -92,7 +100,7 @@ pub fn wall_clock_ms() -> Millis {
 }
 
 /// Batches queued per partition worker.
-const QUEUED_BATCHES: usize = 64;
+pub(crate) const QUEUED_BATCHES: usize = 64;
 
 struct WorkerHandle {
     inputs: SyncSender<WorkerInput>,

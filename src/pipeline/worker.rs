@@ -16,6 +16,7 @@ use crate::model::{Change, Millis};
 use crate::outbox::{OutboxRecord, SourceRef};
 use crate::store::{keys, RocksStore, Store, StoreError, Table, WriteSet};
 
+use super::merge::Merger;
 use super::Shared;
 
 /// What the dispatcher sends a worker.
@@ -41,7 +42,7 @@ pub enum WorkerError {
 }
 
 /// How often an idle worker checks timers and acknowledgements.
-const TICK: Duration = Duration::from_millis(50);
+const TICK: Duration = Duration::from_millis(20);
 
 pub struct Worker {
     partition: i32,
@@ -57,6 +58,7 @@ pub struct Worker {
     commit_points: VecDeque<(u64, Vec<(String, i64)>)>,
     offsets: HashMap<String, i64>,
     changes: Vec<Change>,
+    merger: Merger,
 }
 
 impl Worker {
@@ -73,8 +75,14 @@ impl Worker {
                 .unwrap_or(0),
             None => 0,
         };
+        let merger = Merger::new(
+            &shared.input_topics,
+            shared.max_merge_wait,
+            shared.pipeline.batch_size * super::QUEUED_BATCHES,
+        );
         Ok(Worker {
             partition,
+            merger,
             producer: shared.producer.clone(),
             board: shared.board.clone(),
             shared,
@@ -109,14 +117,16 @@ impl Worker {
                 continue;
             }
             match inputs.recv_timeout(TICK) {
-                Ok(WorkerInput::Batch(batch)) => self.process(batch)?,
+                Ok(WorkerInput::Batch(batch)) => self.process(batch, false)?,
                 Ok(WorkerInput::Stop { deadline, reply }) => {
+                    self.process(Vec::new(), true)?;
                     self.drain(deadline)?;
                     let _ = reply.send(());
                     return Ok(());
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
+                    self.process(Vec::new(), true)?;
                     let deadline = Instant::now() + self.shared.pipeline.shutdown_timeout;
                     return self.drain(deadline);
                 }
@@ -153,14 +163,20 @@ impl Worker {
         (self.shared.clock)()
     }
 
-    fn process(&mut self, batch: Vec<InputMessage>) -> Result<(), WorkerError> {
+    /// Buffers a batch and applies what the cross-topic merge releases.
+    fn process(&mut self, batch: Vec<InputMessage>, flush: bool) -> Result<(), WorkerError> {
+        self.merger.push(batch, Instant::now());
+        let ready = self.merger.ready(Instant::now(), self.wall_clock(), flush);
+        if ready.is_empty() {
+            return Ok(());
+        }
         let started = Instant::now();
-        let size = batch.len();
-        let oldest = batch.iter().filter_map(|m| m.timestamp).min();
+        let size = ready.len();
+        let oldest = ready.iter().filter_map(|m| m.timestamp).min();
         let intake_lag_ms = oldest.map_or(0, |ts| self.wall_clock() - ts);
         let mut records = Vec::new();
         self.fire_wall_timers(&mut records)?;
-        for message in merge_by_timestamp(batch) {
+        for message in ready {
             self.offsets
                 .insert(message.topic.clone(), message.offset + 1);
             let source = SourceRef {
@@ -241,6 +257,9 @@ impl Worker {
 
     /// Wall-clock timers (one bounded slice) and housekeeping of acknowledged records.
     fn tick(&mut self) -> Result<(), WorkerError> {
+        if self.merger.buffered() > 0 {
+            self.process(Vec::new(), false)?;
+        }
         self.collect_acks();
         let mut records = Vec::new();
         self.fire_wall_timers(&mut records)?;
@@ -334,77 +353,5 @@ impl Worker {
             );
         }
         self.commit(Vec::new())
-    }
-}
-
-/// Orders a batch across input topics by Kafka timestamp, keeping each topic's own order.
-fn merge_by_timestamp(batch: Vec<InputMessage>) -> Vec<InputMessage> {
-    let mut queues: Vec<VecDeque<InputMessage>> = Vec::new();
-    for message in batch {
-        match queues
-            .iter_mut()
-            .find(|q| q.front().is_some_and(|m| m.topic == message.topic))
-        {
-            Some(queue) => queue.push_back(message),
-            None => queues.push(VecDeque::from([message])),
-        }
-    }
-    if queues.len() <= 1 {
-        return queues.pop().map(Vec::from).unwrap_or_default();
-    }
-    let mut merged = Vec::new();
-    loop {
-        let next = queues
-            .iter()
-            .enumerate()
-            .filter_map(|(idx, q)| q.front().map(|m| (m.timestamp.unwrap_or(0), idx)))
-            .min();
-        let Some((_, idx)) = next else {
-            return merged;
-        };
-        if let Some(message) = queues[idx].pop_front() {
-            merged.push(message);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn message(topic: &str, offset: i64, timestamp: i64) -> InputMessage {
-        InputMessage {
-            topic: topic.into(),
-            partition: 0,
-            offset,
-            timestamp: Some(timestamp),
-            key: None,
-            payload: None,
-        }
-    }
-
-    #[test]
-    fn merges_topics_by_timestamp_keeping_each_topics_order() {
-        let batch = vec![
-            message("clicks", 0, 10),
-            message("clicks", 1, 30),
-            message("orders", 0, 20),
-            message("clicks", 2, 25),
-            message("orders", 1, 40),
-        ];
-        let order: Vec<(String, i64)> = merge_by_timestamp(batch)
-            .into_iter()
-            .map(|m| (m.topic, m.offset))
-            .collect();
-        assert_eq!(
-            order,
-            vec![
-                ("clicks".into(), 0),
-                ("orders".into(), 0),
-                ("clicks".into(), 1),
-                ("clicks".into(), 2),
-                ("orders".into(), 1),
-            ]
-        );
     }
 }

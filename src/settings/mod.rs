@@ -87,6 +87,9 @@ pub struct PipelineSettings {
     pub timer_slice: usize,
     pub max_outbox_backlog: usize,
     pub shutdown_timeout: std::time::Duration,
+    /// How long a partition's messages wait for a quiet co-partitioned topic before being
+    /// applied out of cross-topic timestamp order.
+    pub max_merge_wait: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -310,6 +313,7 @@ fn build(
         raw.engine.shutdown_timeout,
         15_000,
     );
+    let max_merge_wait = duration("input.max_merge_wait", raw.input.max_merge_wait, 50);
     let clock = match raw.engine.clock.as_deref() {
         None | Some("wall") => ClockMode::Wall,
         Some("event") => ClockMode::Event,
@@ -385,6 +389,7 @@ fn build(
         timer_slice: raw.engine.timer_slice.unwrap_or(2000).max(1),
         max_outbox_backlog: raw.engine.max_outbox_backlog.unwrap_or(100_000).max(1),
         shutdown_timeout: std::time::Duration::from_millis(shutdown_timeout.max(0) as u64),
+        max_merge_wait: std::time::Duration::from_millis(max_merge_wait.max(0) as u64),
     };
     let state = StateSettings {
         dir: PathBuf::from(raw.state.dir.unwrap_or_else(|| "state".into())),

@@ -70,6 +70,8 @@ pub struct RawInput {
     pub max_event_bytes: Option<usize>,
     pub dedup_window: Option<String>,
     pub max_dedup_ids: Option<usize>,
+    /// How long to wait for a quiet input topic when ordering across topics (e.g. "50ms").
+    pub max_merge_wait: Option<String>,
     #[serde(default)]
     pub mapping: RawMapping,
 }

@@ -1,0 +1,211 @@
+//! Ordering a partition's input across its co-partitioned topics by Kafka timestamp (SPEC §2:
+//! "where it can"). Messages are buffered per topic; the earliest head is taken while every
+//! input topic has something buffered, so a backlog on several topics is applied in timestamp
+//! order. When a topic has nothing buffered, the others wait at most `max_wait` for it (a quiet
+//! topic must not stall a busy one) — ten times as long while catching up on messages more than
+//! `CATCH_UP_LAG` old, when the other topic's backlog is most likely just a fetch behind and
+//! latency matters less — and at most `max_buffered` messages are held.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::kafka::consumer::InputMessage;
+
+/// Messages older than this (Kafka timestamp vs wall clock) are being caught up on.
+const CATCH_UP_LAG_MS: i64 = 10_000;
+
+pub struct Merger {
+    /// One queue per configured input topic, in configuration order (ties go to the first).
+    queues: Vec<(String, VecDeque<(InputMessage, Instant)>)>,
+    max_wait: Duration,
+    max_buffered: usize,
+    buffered: usize,
+}
+
+impl Merger {
+    pub fn new(topics: &[String], max_wait: Duration, max_buffered: usize) -> Merger {
+        Merger {
+            queues: topics
+                .iter()
+                .map(|t| (t.clone(), VecDeque::new()))
+                .collect(),
+            max_wait,
+            max_buffered: max_buffered.max(1),
+            buffered: 0,
+        }
+    }
+
+    pub fn push(&mut self, batch: Vec<InputMessage>, arrived: Instant) {
+        for message in batch {
+            let idx = match self
+                .queues
+                .iter()
+                .position(|(topic, _)| *topic == message.topic)
+            {
+                Some(idx) => idx,
+                None => {
+                    self.queues.push((message.topic.clone(), VecDeque::new()));
+                    self.queues.len() - 1
+                }
+            };
+            self.queues[idx].1.push_back((message, arrived));
+            self.buffered += 1;
+        }
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buffered
+    }
+
+    /// The messages that can be applied now, in order. `flush` takes everything (shutdown).
+    /// `wall_ms` is the wall clock, to tell catching up from live traffic.
+    pub fn ready(&mut self, now: Instant, wall_ms: i64, flush: bool) -> Vec<InputMessage> {
+        let mut out = Vec::new();
+        loop {
+            let earliest = self
+                .queues
+                .iter()
+                .enumerate()
+                .filter_map(|(idx, (_, q))| {
+                    q.front()
+                        .map(|(m, arrived)| (m.timestamp.unwrap_or(0), idx, *arrived))
+                })
+                .min_by_key(|(ts, idx, _)| (*ts, *idx));
+            let Some((timestamp, idx, arrived)) = earliest else {
+                break;
+            };
+            let complete = self.queues.iter().all(|(_, q)| !q.is_empty());
+            let patience = if wall_ms - timestamp > CATCH_UP_LAG_MS {
+                self.max_wait * 10
+            } else {
+                self.max_wait
+            };
+            let waited = now.saturating_duration_since(arrived) >= patience;
+            if !(complete || flush || waited || self.buffered > self.max_buffered) {
+                break;
+            }
+            if let Some((message, _)) = self.queues[idx].1.pop_front() {
+                self.buffered -= 1;
+                out.push(message);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(topic: &str, offset: i64, timestamp: i64) -> InputMessage {
+        InputMessage {
+            topic: topic.into(),
+            partition: 0,
+            offset,
+            timestamp: Some(timestamp),
+            key: None,
+            payload: None,
+        }
+    }
+
+    fn order(messages: Vec<InputMessage>) -> Vec<(String, i64)> {
+        messages.into_iter().map(|m| (m.topic, m.offset)).collect()
+    }
+
+    /// A wall clock right after the test messages' timestamps: live traffic.
+    const LIVE: i64 = 100;
+
+    #[test]
+    fn catching_up_waits_longer_for_the_other_topic() {
+        let mut merger = merger();
+        let start = Instant::now();
+        merger.push(vec![message("clicks", 0, 10)], start);
+        let hours_later = 3_600_000;
+        assert!(merger
+            .ready(start + Duration::from_millis(50), hours_later, false)
+            .is_empty());
+        assert_eq!(
+            merger
+                .ready(start + Duration::from_millis(500), hours_later, false)
+                .len(),
+            1
+        );
+    }
+
+    fn merger() -> Merger {
+        Merger::new(
+            &["clicks".into(), "orders".into()],
+            Duration::from_millis(50),
+            1000,
+        )
+    }
+
+    #[test]
+    fn merges_by_timestamp_keeping_each_topics_order() {
+        let mut merger = merger();
+        let start = Instant::now();
+        merger.push(
+            vec![
+                message("clicks", 0, 10),
+                message("clicks", 1, 30),
+                message("clicks", 2, 25),
+            ],
+            start,
+        );
+        assert!(
+            merger.ready(start, LIVE, false).is_empty(),
+            "waits for orders"
+        );
+        merger.push(
+            vec![message("orders", 0, 20), message("orders", 1, 40)],
+            start,
+        );
+        assert_eq!(
+            order(merger.ready(start, LIVE, false)),
+            vec![
+                ("clicks".into(), 0),
+                ("orders".into(), 0),
+                ("clicks".into(), 1),
+                ("clicks".into(), 2)
+            ]
+        );
+        assert_eq!(merger.buffered(), 1, "orders 1 waits for the next clicks");
+        assert_eq!(
+            order(merger.ready(start + Duration::from_millis(50), LIVE, false)),
+            vec![("orders".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn a_quiet_topic_delays_the_others_at_most_max_wait() {
+        let mut merger = merger();
+        let start = Instant::now();
+        merger.push(vec![message("clicks", 0, 10)], start);
+        assert!(merger
+            .ready(start + Duration::from_millis(49), LIVE, false)
+            .is_empty());
+        assert_eq!(
+            merger
+                .ready(start + Duration::from_millis(50), LIVE, false)
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn flush_and_the_buffer_bound_release_everything() {
+        let mut merger = Merger::new(
+            &["clicks".into(), "orders".into()],
+            Duration::from_secs(60),
+            2,
+        );
+        let start = Instant::now();
+        merger.push((0..3).map(|i| message("clicks", i, i)).collect(), start);
+        assert_eq!(
+            merger.ready(start, LIVE, false).len(),
+            1,
+            "over the bound by one"
+        );
+        assert_eq!(merger.ready(start, LIVE, true).len(), 2);
+    }
+}
