@@ -640,17 +640,23 @@ fn sigterm_under_load_exits_in_time_and_loses_nothing() {
     let lines = generated_input("events", 4, generator(23, 500, 10_000));
     let expected = expected_changes(&config_path, fx.dir.path(), &lines);
 
-    // The producer sends ~1,000 messages/s in the background.
+    // Once the service runs, the producer sends ~500 messages/s in the background (20 s in all),
+    // so it is still sending when SIGTERM arrives however long the group join took.
     let producing = Arc::new(AtomicBool::new(true));
+    let go = Arc::new(AtomicBool::new(false));
     let sender = {
         let lines = lines.clone();
         let brokers = brokers.clone();
         let producing = producing.clone();
+        let go = go.clone();
         thread::spawn(move || {
             let mut producer = InputProducer::new(&brokers);
+            while !go.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(10));
+            }
             let started = Instant::now();
             for (i, line) in lines.iter().enumerate() {
-                let due = Duration::from_millis(i as u64);
+                let due = Duration::from_millis(2 * i as u64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     thread::sleep(wait);
                 }
@@ -669,6 +675,7 @@ fn sigterm_under_load_exits_in_time_and_loses_nothing() {
 
     let mut service = Service::start(&config_path, &fx.log());
     service.wait_for_log("segmenter running", Duration::from_secs(60));
+    go.store(true, Ordering::SeqCst);
     let mut reader = TopicReader::new(&brokers, "segment-changes");
     wait_until(
         "the first change events",
