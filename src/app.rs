@@ -4,11 +4,13 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::decode::Decoder;
+use rdkafka::consumer::CommitMode;
+
 use crate::kafka::consumer::{commit, group_consumer, poll_loop, InputSink};
 use crate::kafka::{self, AckBoard, KafkaSetupError, TopicSpec};
 use crate::outbox::Topics;
@@ -89,21 +91,28 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     let input_topics = settings.input.topics.clone();
     let poll_shutdown = shutdown.clone();
     let poller = dispatcher.clone();
+    let shutdown_timeout = settings.pipeline.shutdown_timeout;
     let outcome = tokio::task::spawn_blocking(move || {
         let polled = poll_loop(&consumer, &input_topics, &poll_shutdown);
+        let deadline = Instant::now() + shutdown_timeout;
         poller.shutdown();
-        commit(
-            &consumer,
-            &poller.publishable_offsets(),
-            rdkafka::consumer::CommitMode::Sync,
-        );
-        drop(consumer);
-        polled
+        // Informational only (segmenter resumes from its own offsets), so never wait for it.
+        commit(&consumer, &poller.publishable_offsets(), CommitMode::Async);
+        // Leaving the group blocks while the broker is unreachable; everything durable is done,
+        // so let it finish in the background rather than overrun the shutdown deadline.
+        let closer = std::thread::spawn(move || drop(consumer));
+        while !closer.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (polled, deadline)
     })
     .await
     .context("poll loop panicked")?;
-    rdkafka::producer::Producer::flush(&*producer, Duration::from_secs(5)).ok();
-    outcome?;
+    let (polled, deadline) = outcome;
+    // Records still queued stay in the outbox and are published at the next start.
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    rdkafka::producer::Producer::flush(&*producer, remaining.max(Duration::from_millis(100))).ok();
+    polled?;
     if let Some(reason) = dispatcher.failure_reason() {
         anyhow::bail!("stopped after a failure: {reason}");
     }

@@ -121,12 +121,12 @@ impl AckBoard {
         }
     }
 
-    /// Permanent delivery failures since the last call.
-    pub fn take_failures(&self) -> Vec<String> {
-        match self.failed.lock() {
-            Ok(mut failed) => std::mem::take(&mut *failed),
-            Err(_) => Vec::new(),
-        }
+    /// The first permanent delivery failure, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .ok()
+            .and_then(|failed| failed.first().cloned())
     }
 }
 
@@ -149,17 +149,24 @@ impl ProducerContext for DeliveryContext {
                     acked.entry(partition).or_default().push(seq);
                 }
             }
+            Err((
+                KafkaError::MessageProduction(
+                    RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight,
+                ),
+                _,
+            )) => {
+                // Purged at shutdown: the record stays in the outbox and is published next time.
+                tracing::debug!(partition, seq, "unpublished record kept in the outbox");
+            }
             Err((error, _)) => {
+                // Retried forever otherwise (message.timeout.ms=0), so this is permanent (e.g.
+                // larger than the broker accepts). The record is NOT acknowledged: it stays in
+                // the outbox and the service stops with the reason instead of dropping it.
                 tracing::error!(partition, seq, %error, "delivery failed permanently");
                 if let Ok(mut failed) = self.board.failed.lock() {
                     failed.push(format!(
-                        "partition {partition} outbox record {seq}: {error}"
+                        "publishing partition {partition} outbox record {seq}: {error}"
                     ));
-                }
-                if let Ok(mut acked) = self.board.acked.lock() {
-                    // Not retriable (e.g. larger than the broker accepts): count it as done so it
-                    // cannot block the partition; it was logged above.
-                    acked.entry(partition).or_default().push(seq);
                 }
             }
         }

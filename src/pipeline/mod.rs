@@ -136,8 +136,10 @@ impl Dispatcher {
         self.revoked(&partitions);
     }
 
+    /// Why the pipeline cannot go on: a worker failed, or Kafka permanently refused a record.
     pub fn failure_reason(&self) -> Option<String> {
-        self.shared.failure.lock().ok().and_then(|f| f.clone())
+        let worker = self.shared.failure.lock().ok().and_then(|f| f.clone());
+        worker.or_else(|| self.shared.board.failure())
     }
 
     fn send(&self, routing: &mut Routing, partition: i32) {
