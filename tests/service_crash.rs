@@ -22,8 +22,8 @@ use serde_json::Value;
 
 use segmenter::generate::GeneratorConfig;
 use service::{
-    assert_seq_alternation, by_customer, distinct_by_id, expected_changes, generated_input,
-    read_all, ChangeJson, InputProducer, Service, TestConfig, TopicReader,
+    assert_same_changes, assert_seq_alternation, by_customer, distinct_by_id, expected_changes,
+    generated_input, read_all, ChangeJson, InputProducer, Service, TestConfig, TopicReader,
 };
 
 const PARTITIONS: i32 = 4;
@@ -255,25 +255,7 @@ fn kill_9_repeatedly_loses_nothing_and_duplicates_are_identical() {
         .iter()
         .map(|c| (c.s("id").to_string(), c.clone()))
         .collect();
-    let missing: Vec<&Value> = want
-        .iter()
-        .filter(|(id, _)| !got.contains_key(*id))
-        .map(|(_, c)| c)
-        .collect();
-    let extra: Vec<&Value> = got
-        .iter()
-        .filter(|(id, _)| !want.contains_key(*id))
-        .map(|(_, c)| c)
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "after {} kills: {} changes missing, {} unexpected; first missing {:?}; first unexpected {:?}",
-        kills.len(),
-        missing.len(),
-        extra.len(),
-        missing.first(),
-        extra.first()
-    );
+    assert_same_changes(&got, &expected, &format!("after {} kills", kills.len()));
     assert_eq!(got, want, "payloads differ from the uninterrupted run");
     let distinct: Vec<Value> = got.values().cloned().collect();
     assert_seq_alternation(&distinct);

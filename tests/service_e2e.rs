@@ -548,29 +548,7 @@ fn generator(seed: u64, customers: u64, events: u64) -> GeneratorConfig {
 fn assert_exactly_once(records: &[service::Record], expected: &[Value]) {
     let (got, duplicates) = distinct_by_id(records);
     assert_eq!(duplicates, 0, "no duplicates expected");
-    let want: BTreeMap<String, Value> = expected
-        .iter()
-        .map(|c| (c.s("id").to_string(), c.clone()))
-        .collect();
-    let missing: Vec<&Value> = want
-        .iter()
-        .filter(|(id, _)| !got.contains_key(*id))
-        .map(|(_, c)| c)
-        .collect();
-    let extra: Vec<&Value> = got
-        .iter()
-        .filter(|(id, _)| !want.contains_key(*id))
-        .map(|(_, c)| c)
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "{} missing, {} unexpected; first missing {:?}, first unexpected {:?}",
-        missing.len(),
-        extra.len(),
-        missing.first(),
-        extra.first()
-    );
-    assert_eq!(got, want, "payloads differ from replay");
+    service::assert_same_changes(&got, expected, "exactly once");
 }
 
 #[test]
