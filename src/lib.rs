@@ -24,6 +24,7 @@ pub mod engine;
 pub mod features;
 pub mod generate;
 pub mod kafka;
+pub mod metrics;
 pub mod model;
 pub mod outbox;
 pub mod pipeline;

@@ -1,0 +1,340 @@
+//! Every Prometheus metric the service exports, declared in this one place (SPEC §9).
+//!
+//! Labels are bounded by configuration, never by data: input topic, partition number, segment
+//! name, dead-letter reason, change kind, cause. A customer id never becomes a label.
+//! [`Metrics`] is created once per process and shared (`Arc`) by the pipeline, the Kafka
+//! callbacks and the HTTP server; gauges that describe state (members, timers, outbox, lag) are
+//! set by whoever owns that state, and RocksDB figures are read at scrape time.
+
+use std::sync::Arc;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds: 1 ms … 60 s, dense around the sub-second target.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Timer lateness buckets in seconds (wall-clock timers are checked every 20 ms).
+const LATENESS_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0,
+];
+
+/// Outcome of one consumed input message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied to the customer's state.
+    Ok,
+    /// Sent to the dead-letter topic.
+    DeadLettered,
+    /// A repeated `message_id`: ignored.
+    Duplicate,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// The service's metrics and the registry they are exported from.
+pub struct Metrics {
+    registry: Registry,
+    pub build_info: IntGaugeVec,
+    pub events_consumed: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub batch_seconds: Histogram,
+    pub event_to_publish_seconds: HistogramVec,
+    pub consumer_lag: IntGaugeVec,
+    pub segment_members: IntGaugeVec,
+    pub segment_changes: IntCounterVec,
+    pub timers_pending: IntGaugeVec,
+    pub timers_fired: IntCounter,
+    pub timer_lateness_seconds: Histogram,
+    pub outbox_pending: IntGaugeVec,
+    pub published: IntCounterVec,
+    pub publish_errors: IntCounterVec,
+    pub rebalances: IntCounterVec,
+    pub restore_seconds: Histogram,
+    pub assigned_partitions: IntGauge,
+    pub ready: IntGauge,
+    pub rocksdb: IntGaugeVec,
+}
+
+/// RocksDB properties exported as `segmenter_rocksdb{property=…}`, read at scrape time.
+pub const ROCKSDB_PROPERTIES: &[(&str, &str)] = &[
+    ("live_sst_bytes", "rocksdb.live-sst-files-size"),
+    ("total_sst_bytes", "rocksdb.total-sst-files-size"),
+    ("memtable_bytes", "rocksdb.cur-size-all-mem-tables"),
+    ("estimated_keys", "rocksdb.estimate-num-keys"),
+    (
+        "pending_compaction_bytes",
+        "rocksdb.estimate-pending-compaction-bytes",
+    ),
+    ("running_compactions", "rocksdb.num-running-compactions"),
+    ("running_flushes", "rocksdb.num-running-flushes"),
+    ("compaction_pending", "rocksdb.compaction-pending"),
+    ("background_errors", "rocksdb.background-errors"),
+    ("block_cache_bytes", "rocksdb.block-cache-usage"),
+];
+
+impl Metrics {
+    /// Creates and registers every metric. `segments` pre-creates the per-segment series (at
+    /// zero) so dashboards show every segment from the start.
+    pub fn new(segments_version: &str, segments: &[String]) -> Arc<Metrics> {
+        let registry = Registry::new();
+        let metrics = Metrics {
+            build_info: gauge_vec(
+                "segmenter_build_info",
+                "Always 1; labels carry the binary version and the segment definitions' version.",
+                &["version", "segments_version"],
+            ),
+            events_consumed: counter_vec(
+                "segmenter_events_consumed_total",
+                "Input messages consumed, by topic and outcome (ok, dead_lettered, duplicate).",
+                &["topic", "outcome"],
+            ),
+            dead_letters: counter_vec(
+                "segmenter_dead_letters_total",
+                "Input messages sent to the dead-letter topic, by reason.",
+                &["reason"],
+            ),
+            batch_seconds: histogram(
+                "segmenter_batch_processing_seconds",
+                "Time to decode, apply and durably commit one micro-batch of input.",
+                LATENCY_BUCKETS,
+            ),
+            event_to_publish_seconds: histogram_vec(
+                "segmenter_event_to_publish_seconds",
+                "From the triggering event's Kafka timestamp (cause=event) or the timer's due \
+                 time (cause=timer) to Kafka acknowledging the change event.",
+                &["cause"],
+                LATENCY_BUCKETS,
+            ),
+            consumer_lag: gauge_vec(
+                "segmenter_consumer_lag",
+                "Messages between the consumer's position and the partition's high watermark \
+                 (librdkafka statistics).",
+                &["topic", "partition"],
+            ),
+            segment_members: gauge_vec(
+                "segmenter_segment_members",
+                "Current members per segment in the partitions this instance owns.",
+                &["segment"],
+            ),
+            segment_changes: counter_vec(
+                "segmenter_segment_changes_total",
+                "Segment transitions decided, by segment and change (entered, exited).",
+                &["segment", "change"],
+            ),
+            timers_pending: gauge_vec(
+                "segmenter_timers_pending",
+                "Durable timers scheduled, per owned partition.",
+                &["partition"],
+            ),
+            timers_fired: counter(
+                "segmenter_timers_fired_total",
+                "Wall-clock timers fired (a customer re-evaluated because time passed).",
+            ),
+            timer_lateness_seconds: histogram(
+                "segmenter_timer_lateness_seconds",
+                "Wall clock minus due time when a timer fired.",
+                LATENESS_BUCKETS,
+            ),
+            outbox_pending: gauge_vec(
+                "segmenter_outbox_pending",
+                "Output records durable in the outbox and not yet acknowledged by Kafka.",
+                &["partition"],
+            ),
+            published: counter_vec(
+                "segmenter_published_total",
+                "Output records acknowledged by Kafka, by output (changes, membership, dlq).",
+                &["output"],
+            ),
+            publish_errors: counter_vec(
+                "segmenter_publish_errors_total",
+                "Delivery failures reported by the producer (retriable: retried from the \
+                 outbox; fatal: the service stops).",
+                &["kind"],
+            ),
+            rebalances: counter_vec(
+                "segmenter_rebalances_total",
+                "Consumer group rebalances, by kind (assigned, revoked).",
+                &["kind"],
+            ),
+            restore_seconds: histogram(
+                "segmenter_restore_seconds",
+                "Time to open an assigned partition (state, timers, outbox) before it consumes.",
+                LATENCY_BUCKETS,
+            ),
+            assigned_partitions: gauge(
+                "segmenter_assigned_partitions",
+                "Input partitions currently owned by this instance.",
+            ),
+            ready: gauge(
+                "segmenter_ready",
+                "1 when every assigned partition is restored and consuming (as /readyz).",
+            ),
+            rocksdb: gauge_vec(
+                "segmenter_rocksdb",
+                "RocksDB properties summed over column families, by property.",
+                &["property"],
+            ),
+            registry,
+        };
+        for collector in metrics.collectors() {
+            // Names are unique by construction (see `exported_names` test).
+            let _ = metrics.registry.register(collector);
+        }
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), segments_version])
+            .set(1);
+        for segment in segments {
+            metrics.segment_members.with_label_values(&[segment]).set(0);
+            for change in ["entered", "exited"] {
+                metrics
+                    .segment_changes
+                    .with_label_values(&[segment.as_str(), change]);
+            }
+        }
+        for kind in ["assigned", "revoked"] {
+            metrics.rebalances.with_label_values(&[kind]);
+        }
+        for output in ["changes", "membership", "dlq"] {
+            metrics.published.with_label_values(&[output]);
+        }
+        for kind in ["retriable", "fatal"] {
+            metrics.publish_errors.with_label_values(&[kind]);
+        }
+        Arc::new(metrics)
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.build_info.clone()),
+            Box::new(self.events_consumed.clone()),
+            Box::new(self.dead_letters.clone()),
+            Box::new(self.batch_seconds.clone()),
+            Box::new(self.event_to_publish_seconds.clone()),
+            Box::new(self.consumer_lag.clone()),
+            Box::new(self.segment_members.clone()),
+            Box::new(self.segment_changes.clone()),
+            Box::new(self.timers_pending.clone()),
+            Box::new(self.timers_fired.clone()),
+            Box::new(self.timer_lateness_seconds.clone()),
+            Box::new(self.outbox_pending.clone()),
+            Box::new(self.published.clone()),
+            Box::new(self.publish_errors.clone()),
+            Box::new(self.rebalances.clone()),
+            Box::new(self.restore_seconds.clone()),
+            Box::new(self.assigned_partitions.clone()),
+            Box::new(self.ready.clone()),
+            Box::new(self.rocksdb.clone()),
+        ]
+    }
+
+    /// Every metric family name this service can export (histograms add `_bucket`, `_sum` and
+    /// `_count` series). Used to check that dashboards and alerts refer to real metrics.
+    pub fn exported_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .collectors()
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(error) = encoder.encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(%error, "encoding metrics");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    /// Counts one consumed input message.
+    pub fn consumed(&self, topic: &str, outcome: Outcome) {
+        self.events_consumed
+            .with_label_values(&[topic, outcome.label()])
+            .inc();
+    }
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::with_opts(Opts::new(name, help)).expect("static metric definition")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::with_opts(Opts::new(name, help)).expect("static metric definition")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition")
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("static metric definition")
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("static metric definition")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_registered_once_with_the_prefix() {
+        let metrics = Metrics::new("v1", &["cart_abandoner".to_string()]);
+        let names = metrics.exported_names();
+        let mut unique = names.clone();
+        unique.dedup();
+        assert_eq!(names, unique, "duplicate metric names");
+        assert!(names.iter().all(|n| n.starts_with("segmenter_")));
+        for family in metrics.registry.gather() {
+            assert!(
+                names.iter().any(|n| n == family.name()),
+                "{}",
+                family.name()
+            );
+        }
+        let text = metrics.render();
+        assert!(text.contains("segmenter_segment_members{segment=\"cart_abandoner\"} 0"));
+        assert!(text.contains("segmenter_build_info{segments_version=\"v1\""));
+    }
+
+    #[test]
+    fn counts_outcomes_by_topic() {
+        let metrics = Metrics::new("v1", &[]);
+        metrics.consumed("clicks", Outcome::Ok);
+        metrics.consumed("clicks", Outcome::Ok);
+        metrics.consumed("orders", Outcome::DeadLettered);
+        let text = metrics.render();
+        assert!(text.contains("segmenter_events_consumed_total{outcome=\"ok\",topic=\"clicks\"} 2"));
+        assert!(text.contains(
+            "segmenter_events_consumed_total{outcome=\"dead_lettered\",topic=\"orders\"} 1"
+        ));
+    }
+}
