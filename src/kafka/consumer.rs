@@ -1,11 +1,16 @@
 //! The consumer side: a group consumer whose partitions resume from the offsets segmenter
-//! stored with its state (not Kafka's committed offsets), and a blocking poll loop that hands
-//! messages to an [`InputSink`] (the pipeline) and reports rebalances to it.
+//! stored with its state (not Kafka's committed offsets). On assignment every topic-partition's
+//! messages are split into their own librdkafka queue ([`PartitionInput`]) *before* the
+//! partition is assigned, so nothing is ever fetched into the shared queue and each partition
+//! worker reads its own input without a dispatching thread in between. The blocking poll loop
+//! serves rebalances and callbacks, and hands the (normally no) messages that still arrive on
+//! the shared queue to the [`InputSink`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -27,12 +32,97 @@ pub struct InputMessage {
     pub payload: Option<Vec<u8>>,
 }
 
+impl InputMessage {
+    fn copied<M: Message>(message: &M) -> InputMessage {
+        InputMessage {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// One assigned topic-partition's own message queue, read by the partition's worker.
+pub struct PartitionInput {
+    pub topic: String,
+    pub partition: i32,
+    queue: PartitionQueue<SinkContext>,
+    consumer: Arc<GroupConsumer>,
+    /// The next offset to read, when known (stored offset, then the last message read + 1).
+    next_offset: Option<i64>,
+}
+
+impl PartitionInput {
+    /// Moves up to `max` already-fetched messages into `out` without waiting; returns how many.
+    pub fn poll_into(&mut self, max: usize, out: &mut Vec<InputMessage>) -> usize {
+        let mut taken = 0;
+        while taken < max {
+            match self.queue.poll(Duration::ZERO) {
+                Some(Ok(message)) => {
+                    self.next_offset = Some(message.offset() + 1);
+                    out.push(InputMessage::copied(&message));
+                    taken += 1;
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, %error, "consumer error");
+                }
+                None => break,
+            }
+        }
+        taken
+    }
+
+    /// Calls `wake` (from a librdkafka thread; it must not block) when messages arrive.
+    pub fn on_arrival(&mut self, wake: impl Fn() + Send + Sync + 'static) {
+        self.queue.set_nonempty_callback(wake);
+    }
+
+    /// Whether everything the broker had at the last fetch has been read: the high watermark
+    /// librdkafka cached from its last fetch response is not ahead of our position. Nothing
+    /// older can still be on its way from this topic-partition, so a cross-topic merge need not
+    /// wait for it.
+    pub fn caught_up(&self) -> bool {
+        let Some((low, high)) = cached_watermarks(&self.consumer, &self.topic, self.partition)
+        else {
+            return false;
+        };
+        match self.next_offset {
+            Some(next) => next >= high,
+            None => low == high,
+        }
+    }
+}
+
+/// The low and high watermarks librdkafka cached from its last fetch response for this
+/// topic-partition (no broker round trip); `None` until a fetch has answered. The rdkafka crate
+/// wraps only the querying variant, so this calls librdkafka directly.
+fn cached_watermarks(consumer: &GroupConsumer, topic: &str, partition: i32) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the client pointer is valid for the lifetime of `consumer`; `topic` is a
+    // NUL-terminated string that outlives the call; librdkafka only writes the two i64s.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((low, high))
+}
+
 /// What the poll loop feeds: messages, idle moments, and partition (re)assignments.
 pub trait InputSink: Send + Sync {
     /// The next offset to consume for a topic-partition, as stored with the state.
     fn stored_offset(&self, topic: &str, partition: i32) -> Option<i64>;
-    /// Partitions newly assigned to this instance.
-    fn assigned(&self, partitions: &[i32]);
+    /// Partitions newly assigned to this instance, with each topic-partition's own queue.
+    fn assigned(&self, partitions: &[i32], inputs: Vec<PartitionInput>);
     /// Partitions taken away: must be flushed and released before this returns.
     fn revoked(&self, partitions: &[i32]);
     fn push(&self, message: InputMessage);
@@ -48,6 +138,8 @@ pub trait InputSink: Send + Sync {
 /// Routes rebalances to the sink, seeking each assigned partition to its stored offset.
 pub struct SinkContext {
     pub sink: Arc<dyn InputSink>,
+    /// The consumer this context belongs to (set right after creation), to split queues.
+    consumer: OnceLock<Weak<GroupConsumer>>,
 }
 
 impl ClientContext for SinkContext {}
@@ -67,25 +159,40 @@ impl ConsumerContext for SinkContext {
         };
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let owner = self.consumer.get().and_then(Weak::upgrade);
                 let mut positioned = TopicPartitionList::new();
+                let mut inputs = Vec::new();
                 for element in tpl.elements() {
-                    let offset = self
-                        .sink
-                        .stored_offset(element.topic(), element.partition())
-                        .map_or(Offset::Stored, Offset::Offset);
+                    let (topic, partition) = (element.topic(), element.partition());
+                    let stored = self.sink.stored_offset(topic, partition);
                     if let Err(error) = positioned.add_partition_offset(
-                        element.topic(),
-                        element.partition(),
-                        offset,
+                        topic,
+                        partition,
+                        stored.map_or(Offset::Stored, Offset::Offset),
                     ) {
-                        tracing::error!(%error, topic = element.topic(), partition = element.partition(), "bad offset");
+                        tracing::error!(%error, topic, partition, "bad offset");
+                    }
+                    // Split before assigning: librdkafka then never forwards this partition's
+                    // fetched messages to the shared queue (an application-set forward survives
+                    // the assignment), so there is one ordered path per partition.
+                    let queue = owner
+                        .as_ref()
+                        .and_then(|c| c.split_partition_queue(topic, partition));
+                    if let (Some(queue), Some(owner)) = (queue, owner.as_ref()) {
+                        inputs.push(PartitionInput {
+                            topic: topic.to_string(),
+                            partition,
+                            queue,
+                            consumer: owner.clone(),
+                            next_offset: stored,
+                        });
                     }
                 }
                 tracing::info!(?partitions, "partitions assigned");
                 if let Err(error) = consumer.assign(&positioned) {
                     tracing::error!(%error, "assign failed");
                 }
-                self.sink.assigned(&partitions);
+                self.sink.assigned(&partitions, inputs);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(?partitions, "partitions revoked");
@@ -112,10 +219,16 @@ const HANDOVER: Duration = Duration::from_millis(20);
 pub fn group_consumer(
     settings: &KafkaSettings,
     sink: Arc<dyn InputSink>,
-) -> Result<GroupConsumer, KafkaSetupError> {
-    consumer_config(settings)
-        .create_with_context(SinkContext { sink })
-        .map_err(client("creating the consumer"))
+) -> Result<Arc<GroupConsumer>, KafkaSetupError> {
+    let consumer: GroupConsumer = consumer_config(settings)
+        .create_with_context(SinkContext {
+            sink,
+            consumer: OnceLock::new(),
+        })
+        .map_err(client("creating the consumer"))?;
+    let consumer = Arc::new(consumer);
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+    Ok(consumer)
 }
 
 /// Subscribes and polls until `shutdown` is set or the sink reports a failure. Commits the
@@ -142,14 +255,8 @@ pub fn poll_loop(
             last_handover = Instant::now();
         }
         match consumer.poll(HANDOVER) {
-            Some(Ok(message)) => sink.push(InputMessage {
-                topic: message.topic().to_string(),
-                partition: message.partition(),
-                offset: message.offset(),
-                timestamp: message.timestamp().to_millis(),
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec),
-            }),
+            // Only if a partition's queue could not be split: the worker gets it via the sink.
+            Some(Ok(message)) => sink.push(InputMessage::copied(&message)),
             Some(Err(error)) => tracing::warn!(%error, "consumer error"),
             None => {
                 sink.idle();

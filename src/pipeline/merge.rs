@@ -1,8 +1,10 @@
 //! Ordering a partition's input across its co-partitioned topics by Kafka timestamp (SPEC §2:
 //! "where it can"). Messages are buffered per topic; the earliest head is taken while every
 //! input topic has something buffered, so a backlog on several topics is applied in timestamp
-//! order. When a topic has nothing buffered, the others wait at most `max_wait` for it (a quiet
-//! topic must not stall a busy one) — ten times as long while catching up on messages more than
+//! order. A topic with nothing buffered whose consumer has read up to the partition's high
+//! watermark (as of librdkafka's last fetch) has nothing older on its way, so nobody waits for
+//! it. Otherwise the others wait at most `max_wait` for it (a quiet topic must not stall a busy
+//! one) — ten times as long while catching up on messages more than
 //! `CATCH_UP_LAG` old, when the other topic's backlog is most likely just a fetch behind and
 //! latency matters less — and at most `max_buffered` messages are held.
 
@@ -57,10 +59,28 @@ impl Merger {
         self.buffered
     }
 
+    /// How many more messages may be pushed before the bound forces them out unordered.
+    pub fn capacity(&self) -> usize {
+        self.max_buffered.saturating_sub(self.buffered)
+    }
+
     /// The messages that can be applied now, in order. `flush` takes everything (shutdown).
     /// `wall_ms` is the wall clock, to tell catching up from live traffic.
     pub fn ready(&mut self, now: Instant, wall_ms: i64, flush: bool) -> Vec<InputMessage> {
+        self.ready_with(now, wall_ms, flush, |_| false)
+    }
+
+    /// As [`Merger::ready`], asking `caught_up(topic)` whether an empty topic has anything
+    /// older on its way (asked at most once per topic and call).
+    pub fn ready_with(
+        &mut self,
+        now: Instant,
+        wall_ms: i64,
+        flush: bool,
+        mut caught_up: impl FnMut(&str) -> bool,
+    ) -> Vec<InputMessage> {
         let mut out = Vec::new();
+        let mut known: Vec<Option<bool>> = vec![None; self.queues.len()];
         loop {
             let earliest = self
                 .queues
@@ -74,7 +94,9 @@ impl Merger {
             let Some((timestamp, idx, arrived)) = earliest else {
                 break;
             };
-            let complete = self.queues.iter().all(|(_, q)| !q.is_empty());
+            let complete = self.queues.iter().enumerate().all(|(idx, (topic, q))| {
+                !q.is_empty() || *known[idx].get_or_insert_with(|| caught_up(topic))
+            });
             let patience = if wall_ms - timestamp > CATCH_UP_LAG_MS {
                 self.max_wait * 10
             } else {
@@ -173,6 +195,29 @@ mod tests {
         assert_eq!(
             order(merger.ready(start + Duration::from_millis(50), LIVE, false)),
             vec![("orders".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn a_caught_up_topic_is_not_waited_for() {
+        let mut merger = merger();
+        let start = Instant::now();
+        merger.push(vec![message("clicks", 0, 10)], start);
+        let mut asked = Vec::new();
+        let ready = merger.ready_with(start, LIVE, false, |topic| {
+            asked.push(topic.to_string());
+            topic == "orders"
+        });
+        assert_eq!(order(ready), vec![("clicks".into(), 0)]);
+        assert_eq!(
+            asked,
+            vec!["orders".to_string()],
+            "asked once, only for the empty topic"
+        );
+        merger.push(vec![message("clicks", 1, 20)], start);
+        assert!(
+            merger.ready_with(start, LIVE, false, |_| false).is_empty(),
+            "orders may still have something older"
         );
     }
 

@@ -1,7 +1,8 @@
-//! The service's data path: the Kafka poll loop hands messages to a [`Dispatcher`], which batches
-//! them per input partition number and feeds one [`worker::Worker`] thread per assigned partition.
-//! Rebalances start and stop workers; a revoked partition is flushed (state, outbox, offsets)
-//! before it is released.
+//! The service's data path: one [`worker::Worker`] thread per assigned input partition number
+//! reads its topic-partitions' own librdkafka queues (woken when messages arrive). The
+//! [`Dispatcher`] starts and stops workers on rebalances — a revoked partition is flushed (state,
+//! outbox, offsets) before it is released — and batches the messages that still reach the shared
+//! queue (only if a queue could not be split) for their worker.
 
 pub mod merge;
 pub mod worker;
@@ -14,7 +15,7 @@ use std::time::Instant;
 
 use crate::decode::Decoder;
 use crate::engine::EngineConfig;
-use crate::kafka::consumer::{InputMessage, InputSink};
+use crate::kafka::consumer::{InputMessage, InputSink, PartitionInput};
 use crate::kafka::{AckBoard, Producer};
 use crate::model::Millis;
 use crate::outbox::Topics;
@@ -163,15 +164,34 @@ impl InputSink for Dispatcher {
         Some(i64::from_be_bytes(bytes.as_slice().try_into().ok()?))
     }
 
-    fn assigned(&self, partitions: &[i32]) {
+    fn assigned(&self, partitions: &[i32], inputs: Vec<PartitionInput>) {
         let Ok(mut routing) = self.routing.lock() else {
             return;
         };
+        let mut inputs_by_partition: HashMap<i32, Vec<PartitionInput>> = HashMap::new();
+        for input in inputs {
+            inputs_by_partition
+                .entry(input.partition)
+                .or_default()
+                .push(input);
+        }
         for &partition in partitions {
             if routing.workers.contains_key(&partition) {
                 continue;
             }
-            let worker = match Worker::open(partition, self.shared.clone()) {
+            // Arrival wake-ups, control, and batches of the (normally no) messages that reach
+            // the shared queue; bounded, so a slow worker still pushes back on the poll thread.
+            let (sender, receiver) = sync_channel(QUEUED_BATCHES);
+            let mut own_inputs = inputs_by_partition.remove(&partition).unwrap_or_default();
+            for input in &mut own_inputs {
+                let waker = sender.clone();
+                // Runs on a librdkafka thread: never block it; a full channel means the worker
+                // is awake anyway.
+                input.on_arrival(move || {
+                    let _ = waker.try_send(WorkerInput::Wake);
+                });
+            }
+            let worker = match Worker::open(partition, self.shared.clone(), own_inputs) {
                 Ok(worker) => worker,
                 Err(error) => {
                     self.shared
@@ -179,10 +199,7 @@ impl InputSink for Dispatcher {
                     continue;
                 }
             };
-            // Deep enough that the poll thread can read past one partition's fetched chunk and
-            // keep the other workers busy (librdkafka hands out fetched data partition by
-            // partition); bounded, so a slow worker still pushes back on intake.
-            let (inputs, receiver) = sync_channel(QUEUED_BATCHES);
+            let inputs = sender;
             let spawned = std::thread::Builder::new()
                 .name(format!("partition-{partition}"))
                 .spawn(move || worker.run(receiver));

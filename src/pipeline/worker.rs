@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{ClockMode, EngineError, PartitionEngine};
-use crate::kafka::consumer::InputMessage;
+use crate::kafka::consumer::{InputMessage, PartitionInput};
 use crate::kafka::{self, AckBoard, Producer};
 use crate::model::{Change, Millis};
 use crate::outbox::{OutboxRecord, SourceRef};
@@ -22,6 +22,8 @@ use super::Shared;
 /// What the dispatcher sends a worker.
 pub enum WorkerInput {
     Batch(Vec<InputMessage>),
+    /// Messages arrived on one of the worker's own input queues.
+    Wake,
     /// Publish everything outstanding (until the deadline), then stop and reply.
     Stop {
         deadline: Instant,
@@ -59,10 +61,16 @@ pub struct Worker {
     offsets: HashMap<String, i64>,
     changes: Vec<Change>,
     merger: Merger,
+    /// This partition's queue of each input topic.
+    inputs: Vec<PartitionInput>,
 }
 
 impl Worker {
-    pub fn open(partition: i32, shared: Arc<Shared>) -> Result<Worker, WorkerError> {
+    pub fn open(
+        partition: i32,
+        shared: Arc<Shared>,
+        inputs: Vec<PartitionInput>,
+    ) -> Result<Worker, WorkerError> {
         let p = partition as u32;
         let store = shared.store.clone();
         let engine =
@@ -94,6 +102,7 @@ impl Worker {
             commit_points: VecDeque::new(),
             offsets: HashMap::new(),
             changes: Vec::new(),
+            inputs,
         })
     }
 
@@ -116,8 +125,15 @@ impl Worker {
                 self.tick()?;
                 continue;
             }
+            let polled = self.poll_inputs();
+            if !polled.is_empty() {
+                self.process(polled, false)?;
+                self.tick()?;
+                continue;
+            }
             match inputs.recv_timeout(TICK) {
                 Ok(WorkerInput::Batch(batch)) => self.process(batch, false)?,
+                Ok(WorkerInput::Wake) => {}
                 Ok(WorkerInput::Stop { deadline, reply }) => {
                     self.process(Vec::new(), true)?;
                     self.drain(deadline)?;
@@ -159,6 +175,18 @@ impl Worker {
         Ok(())
     }
 
+    /// Takes already-fetched messages from the input queues without waiting: up to a batch per
+    /// topic, never more than the merge buffer can hold.
+    fn poll_inputs(&mut self) -> Vec<InputMessage> {
+        let mut room = self.merger.capacity();
+        let mut batch = Vec::new();
+        for input in &mut self.inputs {
+            // Up to a batch from each topic, so the merge has every topic's next messages.
+            room -= input.poll_into(room.min(self.shared.pipeline.batch_size), &mut batch);
+        }
+        batch
+    }
+
     fn wall_clock(&self) -> Millis {
         (self.shared.clock)()
     }
@@ -166,7 +194,15 @@ impl Worker {
     /// Buffers a batch and applies what the cross-topic merge releases.
     fn process(&mut self, batch: Vec<InputMessage>, flush: bool) -> Result<(), WorkerError> {
         self.merger.push(batch, Instant::now());
-        let ready = self.merger.ready(Instant::now(), self.wall_clock(), flush);
+        let wall = self.wall_clock();
+        let inputs = &self.inputs;
+        let ready = self
+            .merger
+            .ready_with(Instant::now(), wall, flush, |topic| {
+                inputs
+                    .iter()
+                    .any(|input| input.topic == topic && input.caught_up())
+            });
         if ready.is_empty() {
             return Ok(());
         }
