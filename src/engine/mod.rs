@@ -102,6 +102,10 @@ pub struct PartitionEngine<S: Store> {
     dirty: Vec<String>,
     timers: BTreeSet<(Millis, String)>,
     stats: EngineStats,
+    /// Customers erased since the last write-back, with their persisted timer.
+    erased: Vec<(String, Option<Millis>)>,
+    /// Due times of the timers fired since the last [`Self::take_fired`] (wall mode only).
+    fired: Vec<Millis>,
 }
 
 impl<S: Store> PartitionEngine<S> {
@@ -143,6 +147,8 @@ impl<S: Store> PartitionEngine<S> {
             dirty: Vec::new(),
             timers,
             stats: EngineStats::default(),
+            erased: Vec::new(),
+            fired: Vec::new(),
         })
     }
 
@@ -235,6 +241,9 @@ impl<S: Store> PartitionEngine<S> {
     ) {
         state.timer = None;
         self.stats.timers_fired += 1;
+        if self.config.clock == ClockMode::Wall {
+            self.fired.push(due);
+        }
         let dirty = vec![false; self.program.segments.len()];
         self.evaluate_customer(customer, state, due, &Cause::Timer, dirty, out);
     }
@@ -378,7 +387,13 @@ impl<S: Store> PartitionEngine<S> {
             return Ok(std::mem::take(&mut cached.state));
         }
         let key = keys::customer(self.partition, customer);
-        let state = match self.store.get(Table::Customers, &key)? {
+        let stored = if self.erased.iter().any(|(erased, _)| erased == customer) {
+            // Erased in this write-back period: the stored state is about to be deleted.
+            None
+        } else {
+            self.store.get(Table::Customers, &key)?
+        };
+        let state = match stored {
             Some(bytes) => self.decode_state(customer, &bytes)?,
             None => CustomerState::new(&self.program.layout, self.program.segments.len()),
         };
@@ -402,26 +417,14 @@ impl<S: Store> PartitionEngine<S> {
     }
 
     fn decode_state(&mut self, customer: &str, bytes: &[u8]) -> Result<CustomerState, EngineError> {
-        let corrupt = |reason: String| EngineError::CorruptState {
-            partition: self.partition,
-            customer: customer.to_string(),
-            reason,
-        };
-        let stored_id = codec::layout_id(bytes).map_err(|err| corrupt(err.0))?;
-        if stored_id == self.layout.id {
-            return codec::decode(bytes, &self.layout, &self.layout).map_err(|err| corrupt(err.0));
-        }
-        if !self.old_layouts.contains_key(&stored_id) {
-            let raw = self
-                .store
-                .get(Table::Meta, &keys::layout(stored_id))?
-                .ok_or_else(|| corrupt(format!("unknown state layout {stored_id:016x}")))?;
-            let old: StateLayout =
-                serde_json::from_slice(&raw).map_err(|err| corrupt(err.to_string()))?;
-            self.old_layouts.insert(stored_id, old);
-        }
-        let old = &self.old_layouts[&stored_id];
-        codec::decode(bytes, old, &self.layout).map_err(|err| corrupt(err.0))
+        decode_stored(
+            self.store.as_ref(),
+            &self.layout,
+            &mut self.old_layouts,
+            self.partition,
+            customer,
+            bytes,
+        )
     }
 
     /// Everything changed since the last call, as one write set (customer states, timers, the
@@ -429,6 +432,14 @@ impl<S: Store> PartitionEngine<S> {
     /// Afterwards the in-memory cache is trimmed to `max_cached_customers`.
     pub fn take_writes(&mut self) -> WriteSet {
         let mut writes = WriteSet::default();
+        // Deletions first: a customer erased and then seen again in the same period is written
+        // afresh by the puts below (a write set applies in order).
+        for (customer, timer) in std::mem::take(&mut self.erased) {
+            writes.delete(Table::Customers, keys::customer(self.partition, &customer));
+            if let Some(due) = timer {
+                writes.delete(Table::Timers, keys::timer(self.partition, due, &customer));
+            }
+        }
         for customer in std::mem::take(&mut self.dirty) {
             let Some(cached) = self.cache.get_mut(&customer) else {
                 continue;
@@ -491,6 +502,64 @@ impl<S: Store> PartitionEngine<S> {
         Ok(())
     }
 
+    /// Erases a customer (GDPR): an `exited` change with cause `deleted` for each current
+    /// membership, at `at` (never before a membership's `since`), then the state and its timer
+    /// are gone. Returns false if the customer is unknown.
+    pub fn erase(
+        &mut self,
+        customer: &str,
+        at: Millis,
+        out: &mut Vec<Change>,
+    ) -> Result<bool, EngineError> {
+        let known = self.cache.contains_key(customer)
+            || self
+                .store
+                .get(Table::Customers, &keys::customer(self.partition, customer))?
+                .is_some();
+        if !known || self.erased.iter().any(|(erased, _)| erased == customer) {
+            return Ok(false);
+        }
+        let persisted = self.cache.get(customer).map(|c| c.persisted_timer);
+        let mut state = self.check_out(customer)?;
+        let persisted_timer = persisted.unwrap_or(state.timer);
+        if let Some(due) = state.timer {
+            self.timers.remove(&(due, customer.to_string()));
+        }
+        let at = state
+            .memberships
+            .iter()
+            .filter(|m| m.member)
+            .map(|m| m.since)
+            .fold(at, Millis::max);
+        for (idx, membership) in state.memberships.iter_mut().enumerate() {
+            if !membership.member {
+                continue;
+            }
+            let segment = &self.program.segments[idx];
+            membership.member = false;
+            membership.seq += 1;
+            out.push(Change {
+                customer_id: customer.to_string(),
+                segment: segment.id.clone(),
+                kind: ChangeKind::Exited,
+                at,
+                seq: membership.seq,
+                cause: Cause::Deleted,
+                segment_version: segment.version.clone(),
+            });
+            self.stats.changes += 1;
+        }
+        self.cache.remove(customer);
+        self.dirty.retain(|dirty| dirty != customer);
+        self.erased.push((customer.to_string(), persisted_timer));
+        Ok(true)
+    }
+
+    /// Due times of the wall-clock timers fired since the last call (for lateness metrics).
+    pub fn take_fired(&mut self) -> Vec<Millis> {
+        std::mem::take(&mut self.fired)
+    }
+
     /// The current state of a customer (cached or stored), if known.
     pub fn customer_state(&mut self, customer: &str) -> Result<Option<CustomerState>, EngineError> {
         if let Some(cached) = self.cache.get(customer) {
@@ -502,6 +571,37 @@ impl<S: Store> PartitionEngine<S> {
             None => Ok(None),
         }
     }
+}
+
+/// Decodes a stored customer state into `layout`, re-slotting it if it was written under
+/// another layout (whose description is kept in the meta table; `old_layouts` caches them).
+pub fn decode_stored<S: Store + ?Sized>(
+    store: &S,
+    layout: &StateLayout,
+    old_layouts: &mut HashMap<u64, StateLayout>,
+    partition: u32,
+    customer: &str,
+    bytes: &[u8],
+) -> Result<CustomerState, EngineError> {
+    let corrupt = |reason: String| EngineError::CorruptState {
+        partition,
+        customer: customer.to_string(),
+        reason,
+    };
+    let stored_id = codec::layout_id(bytes).map_err(|err| corrupt(err.0))?;
+    if stored_id == layout.id {
+        return codec::decode(bytes, layout, layout).map_err(|err| corrupt(err.0));
+    }
+    if !old_layouts.contains_key(&stored_id) {
+        let raw = store
+            .get(Table::Meta, &keys::layout(stored_id))?
+            .ok_or_else(|| corrupt(format!("unknown state layout {stored_id:016x}")))?;
+        let old: StateLayout =
+            serde_json::from_slice(&raw).map_err(|err| corrupt(err.to_string()))?;
+        old_layouts.insert(stored_id, old);
+    }
+    let old = &old_layouts[&stored_id];
+    codec::decode(bytes, old, layout).map_err(|err| corrupt(err.0))
 }
 
 fn decode_clock(bytes: &[u8]) -> Option<Millis> {

@@ -125,6 +125,125 @@ fn cart_abandoner_enters_by_timer_at_the_exact_millisecond() {
 }
 
 #[test]
+fn erasure_exits_every_membership_drops_state_and_timers_and_a_later_event_starts_afresh() {
+    let program = program(&[
+        ("active", "count(any, 1h) >= 1"),
+        ("buyer", r#"count("Order Completed") >= 1"#),
+        ("never_bought", r#"count("Order Completed") == 0"#),
+    ]);
+    let store = Arc::new(MemoryStore::default());
+    let mut engine = PartitionEngine::open(0, program, store.clone(), test_config()).expect("open");
+    let mut out = Vec::new();
+    for event in [
+        track("c1", "Order Completed", 1_000, None, json!({})),
+        track("c2", "page", 1_500, None, json!({})),
+    ] {
+        engine.apply_event(&event, &mut out).expect("apply");
+    }
+    store.write(engine.take_writes()).expect("write");
+    out.clear();
+
+    assert!(engine.erase("c1", 2_000, &mut out).expect("erase"));
+    assert_eq!(
+        rows(&out),
+        vec![
+            (
+                "c1".into(),
+                "active".into(),
+                ChangeKind::Exited,
+                2_000,
+                2,
+                "deleted"
+            ),
+            (
+                "c1".into(),
+                "buyer".into(),
+                ChangeKind::Exited,
+                2_000,
+                2,
+                "deleted"
+            ),
+        ]
+    );
+    assert!(
+        !engine.erase("c1", 2_000, &mut out).expect("erase"),
+        "already erased"
+    );
+    assert!(!engine.erase("nobody", 2_000, &mut out).expect("erase"));
+    store.write(engine.take_writes()).expect("write");
+    assert_eq!(engine.customer_state("c1").expect("read"), None);
+    let timers = store
+        .scan_prefix(Table::Timers, &keys::partition_prefix(0))
+        .expect("scan");
+    assert_eq!(timers.len(), 1, "only c2's timer is left: {timers:?}");
+
+    // The 1 h window of c1 would have ended at 3_601_000: erased, its timer never fires.
+    out.clear();
+    engine.advance(4_000_000, &mut out).expect("advance");
+    assert_eq!(
+        rows(&out),
+        vec![(
+            "c2".into(),
+            "active".into(),
+            ChangeKind::Exited,
+            3_601_500,
+            2,
+            "timer"
+        )]
+    );
+
+    // Seen again after erasure: a new customer as far as state goes (seq starts over).
+    out.clear();
+    let event = track("c1", "page", 4_000_000, None, json!({}));
+    engine.apply_event(&event, &mut out).expect("apply");
+    assert_eq!(
+        rows(&out),
+        vec![
+            (
+                "c1".into(),
+                "active".into(),
+                ChangeKind::Entered,
+                4_000_000,
+                1,
+                "event"
+            ),
+            (
+                "c1".into(),
+                "never_bought".into(),
+                ChangeKind::Entered,
+                4_000_000,
+                1,
+                "event"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn erasure_and_a_new_event_in_the_same_write_back_keep_only_the_new_state() {
+    let program = program(&[("buyer", r#"count("Order Completed") >= 1"#)]);
+    let store = Arc::new(MemoryStore::default());
+    let mut engine = PartitionEngine::open(0, program, store.clone(), test_config()).expect("open");
+    let mut out = Vec::new();
+    let order = track("c1", "Order Completed", 1_000, None, json!({}));
+    engine.apply_event(&order, &mut out).expect("apply");
+    store.write(engine.take_writes()).expect("write");
+    assert!(engine.erase("c1", 2_000, &mut out).expect("erase"));
+    let page = track("c1", "page", 3_000, None, json!({}));
+    engine.apply_event(&page, &mut out).expect("apply");
+    store.write(engine.take_writes()).expect("write");
+    let mut reopened =
+        PartitionEngine::open(0, engine.program.clone(), store, test_config()).expect("open");
+    let state = reopened
+        .customer_state("c1")
+        .expect("read")
+        .expect("stored");
+    assert_eq!(state.totals.iter().map(|t| t.count).sum::<u64>(), 0);
+    assert!(!state.memberships[0].member);
+    assert_eq!(state.memberships[0].seq, 0, "a fresh state");
+}
+
+#[test]
 fn timer_due_at_an_event_fires_before_it() {
     let program = program(&[("inactive", "since(last(any)) >= 30d")]);
     let day = 86_400_000;
