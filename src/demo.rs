@@ -12,11 +12,10 @@ use anyhow::Context;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
 
-use crate::generate::{Generator, GeneratorConfig};
+use crate::loadgen::{self, LoadOptions, Routing};
 use crate::pipeline::wall_clock_ms;
 use crate::settings;
 
@@ -81,7 +80,8 @@ pub async fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Res
         let stop = stop.clone();
         let brokers = brokers.clone();
         let (rate, customers) = (options.rate, options.customers);
-        std::thread::spawn(move || produce_traffic(&brokers, rate, customers, &stop))
+        let traffic = LoadOptions::new(&brokers, rate, customers, Routing::single("events"));
+        std::thread::spawn(move || loadgen::run(&traffic, &stop).map(|stats| stats.sent))
     };
     let printer = {
         let stop = stop.clone();
@@ -111,62 +111,6 @@ pub async fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Res
     );
     drop(cluster);
     outcome
-}
-
-/// Sends generated events at `rate` per second, stamped with the wall clock, keyed by customer.
-fn produce_traffic(
-    brokers: &str,
-    rate: f64,
-    customers: u64,
-    stop: &AtomicBool,
-) -> anyhow::Result<u64> {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        .set("partitioner", "murmur2_random")
-        .create()
-        .context("creating the demo producer")?;
-    let start_ms = wall_clock_ms();
-    let started = Instant::now();
-    let mut generator = Generator::new(GeneratorConfig {
-        customers,
-        events: u64::MAX / 2,
-        seed: start_ms as u64,
-        start_ms,
-        events_per_second: rate,
-        late_fraction: 0.002,
-        duplicate_fraction: 0.002,
-        malformed_fraction: 0.001,
-    });
-    let mut sent = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let Some(generated) = generator.next_line() else {
-            break;
-        };
-        let due = Duration::from_millis((generated.stream_time_ms - start_ms).max(0) as u64);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            std::thread::sleep(wait.min(Duration::from_millis(200)));
-        }
-        let key = customer_of(&generated.line).unwrap_or_default();
-        let record = BaseRecord::<str, str>::to("events")
-            .key(&key)
-            .payload(&generated.line);
-        if producer.send(record).is_ok() {
-            sent += 1;
-        }
-    }
-    producer.flush(Duration::from_secs(2)).ok();
-    Ok(sent)
-}
-
-fn customer_of(line: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    ["userId", "anonymousId"].iter().find_map(|field| {
-        value
-            .get(field)
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
-    })
 }
 
 /// Prints each published change: time, change, segment, customer, cause.

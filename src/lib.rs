@@ -15,7 +15,8 @@
 //! - `features`: the per-customer aggregates the compiled rules need. Pure.
 //! - `engine`: the synchronous step per partition (events, timers, changes) over a `store::Store`.
 //! - `store`: key layout, value codec, RocksDB. `settings`: config file + env overrides.
-//! - `replay`: the offline command; `generate`: realistic synthetic traffic.
+//! - `replay`: the offline command; `generate`: realistic synthetic traffic; `loadgen`: that
+//!   traffic produced to Kafka (`segmenter generate`, the demo).
 
 pub mod app;
 pub mod decode;
@@ -24,6 +25,7 @@ pub mod engine;
 pub mod features;
 pub mod generate;
 pub mod kafka;
+pub mod loadgen;
 pub mod metrics;
 pub mod model;
 pub mod outbox;

@@ -48,6 +48,27 @@ enum Command {
         #[arg(long)]
         segments: Option<PathBuf>,
     },
+    /// Produce realistic generated customer events to Kafka at a steady rate (for docker
+    /// compose and load tests): keyed by customer id, routed by kind to the input topics.
+    Generate {
+        #[arg(long, default_value = "localhost:9092")]
+        brokers: String,
+        /// Events per second.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10000)]
+        customers: u64,
+        /// One topic for everything, or the topics for activity (pages, products, checkouts,
+        /// identify), email events and orders, in that order.
+        #[arg(long, value_delimiter = ',', default_value = "clicks,email,orders")]
+        topics: Vec<String>,
+        /// Stop after this many seconds (default: run until SIGTERM/Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Seed of the generator (default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Run the service: consume, segment, publish.
     Run {
         #[arg(long, default_value = "config/segmenter.toml")]
@@ -77,7 +98,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Run { .. } => "info",
+        Command::Run { .. } | Command::Generate { .. } => "info",
         _ => "warn",
     };
     let default_level = if matches!(cli.command, Command::Demo { .. }) {
@@ -144,6 +165,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
                 segmenter::demo::run(options, shutdown).await
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            brokers,
+            rate,
+            customers,
+            topics,
+            duration,
+            seed,
+        } => {
+            let routing = segmenter::loadgen::Routing::from_topics(&topics)?;
+            let mut options =
+                segmenter::loadgen::LoadOptions::new(&brokers, rate, customers, routing);
+            options.duration = duration.map(std::time::Duration::from_secs);
+            options.seed = seed.unwrap_or(options.seed);
+            options.report_every = Some(std::time::Duration::from_secs(10));
+            tracing::info!(%brokers, rate, customers, ?topics, "generate: producing");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let stats = runtime.block_on(async {
+                let stop = Arc::new(AtomicBool::new(false));
+                let signals = stop.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signals.store(true, Ordering::Relaxed);
+                });
+                tokio::task::spawn_blocking(move || segmenter::loadgen::run(&options, &stop)).await
+            })??;
+            tracing::info!(
+                sent = stats.sent,
+                delivered = stats.delivered,
+                failed = stats.failed,
+                "generate: done"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config } => {
