@@ -150,6 +150,7 @@ pub fn compile(defs: &[SegmentDef]) -> Result<Program, Vec<SegmentError>> {
             description: def.description.clone(),
             rule_text: def.rule.clone(),
             canonical: ast.to_string(),
+            ast: ast.clone(),
             version: versions[idx].clone(),
             expr,
             depends_on,

@@ -18,9 +18,9 @@ use serde_json::Value;
 
 /// `v + k·(t' - t)` around the evaluation time `t`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Lin {
-    v: f64,
-    k: f64,
+pub(super) struct Lin {
+    pub(super) v: f64,
+    pub(super) k: f64,
 }
 
 impl Lin {
@@ -38,7 +38,7 @@ impl Lin {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Val<'a> {
+pub(super) enum Val<'a> {
     Null,
     Bool(bool),
     Num(Lin),
@@ -80,7 +80,7 @@ struct PendingFlip<'p> {
     estimate: f64,
 }
 
-struct Ctx<'p, 'm> {
+pub(super) struct Ctx<'p, 'm> {
     program: &'p Program,
     state: &'p CustomerState,
     t: Millis,
@@ -201,7 +201,7 @@ pub fn next_change(
 }
 
 impl<'p, 'm> Ctx<'p, 'm> {
-    fn new(
+    pub(super) fn new(
         program: &'p Program,
         state: &'p CustomerState,
         bucket_hash: u64,
@@ -246,7 +246,7 @@ impl<'p, 'm> Ctx<'p, 'm> {
         }
     }
 
-    fn eval(&mut self, expr: &'p CExpr) -> Val<'p> {
+    pub(super) fn eval(&mut self, expr: &'p CExpr) -> Val<'p> {
         match expr {
             CExpr::Const(constant) => match constant {
                 Const::Null => Val::Null,

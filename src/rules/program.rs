@@ -1,7 +1,7 @@
 //! The compiled form of the segment definitions: typed expression trees over feature slots, and the
 //! feature layout — exactly the per-customer aggregates the rules need, nothing more.
 
-use super::ast::{AggFunc, BinOp, Condition};
+use super::ast::{AggFunc, BinOp, Condition, Expr};
 
 /// A constant known at compile time.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +180,8 @@ pub struct CompiledSegment {
     pub rule_text: String,
     /// Canonical rule text (normalised spacing and parentheses).
     pub canonical: String,
+    /// The parsed rule, for explanations (its and/or/not/comparison structure matches `expr`).
+    pub ast: Expr,
     /// Hash of the canonical rule and the versions of the segments it reads.
     pub version: String,
     pub expr: CExpr,
