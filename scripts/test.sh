@@ -23,6 +23,10 @@ step "tansu broker for the Kafka tests (pinned, hash-checked, cached)"
 TANSU_BIN="$(./scripts/install-tansu.sh | tail -n 1)"
 export TANSU_BIN
 
+step "promtool for the alert-rule and dashboard tests (Debian's prometheus package, cached)"
+PROMTOOL="$(./scripts/install-promtool.sh | tail -n 1)"
+export PROMTOOL
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
