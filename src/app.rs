@@ -11,8 +11,10 @@ use anyhow::Context;
 use crate::decode::Decoder;
 use rdkafka::consumer::CommitMode;
 
+use crate::api::ServiceApi;
 use crate::kafka::consumer::{commit, group_consumer, poll_loop, InputSink};
 use crate::kafka::{self, AckBoard, KafkaSetupError, TopicSpec};
+use crate::metrics::Metrics;
 use crate::outbox::Topics;
 use crate::pipeline::{Dispatcher, Shared};
 use crate::settings::Settings;
@@ -24,8 +26,19 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating state dir {}", state_dir.display()))?;
     let store = Arc::new(open_store(state_dir, &settings)?);
+    let segment_ids: Vec<String> = settings
+        .program
+        .segments
+        .iter()
+        .map(|s| s.id.clone())
+        .collect();
+    let metrics = Metrics::new(&settings.program.version, &segment_ids);
     let board = Arc::new(AckBoard::default());
-    let producer = Arc::new(kafka::producer(&settings.kafka, board.clone())?);
+    let producer = Arc::new(kafka::producer(
+        &settings.kafka,
+        board.clone(),
+        metrics.clone(),
+    )?);
     let decoder = Decoder::new(
         settings.input.mapping.clone(),
         settings.input.max_event_bytes,
@@ -47,10 +60,25 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         settings.pipeline,
         settings.max_future_skew,
         settings.input.topics.clone(),
+        metrics.clone(),
     ));
-    let dispatcher = Arc::new(Dispatcher::new(shared));
+    let dispatcher = Arc::new(Dispatcher::new(shared.clone()));
     let sink: Arc<dyn InputSink> = dispatcher.clone();
-    let consumer = group_consumer(&settings.kafka, sink)?;
+    let consumer = group_consumer(&settings.kafka, sink, metrics)?;
+
+    // Up before Kafka is: liveness and (un)readiness answer while the service waits for it.
+    let api = Arc::new(ServiceApi::new(shared, dispatcher.clone()));
+    let listener = tokio::net::TcpListener::bind(&settings.http_listen)
+        .await
+        .with_context(|| format!("listening for HTTP on {}", settings.http_listen))?;
+    tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "HTTP API listening");
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(crate::http::serve(listener, api, async move {
+        while !http_shutdown.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }));
+    let _http = AbortOnDrop(http);
 
     let Some(partitions) = wait_for_inputs(&consumer, &settings, &shutdown).await? else {
         return Ok(());
@@ -118,6 +146,15 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     }
     tracing::info!("segmenter stopped cleanly");
     Ok(())
+}
+
+/// Stops a spawned task when the service returns, however it returns.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn open_store(dir: &Path, settings: &Settings) -> anyhow::Result<RocksStore> {

@@ -18,12 +18,14 @@
 //! - `replay`: the offline command; `generate`: realistic synthetic traffic; `loadgen`: that
 //!   traffic produced to Kafka (`segmenter generate`, the demo).
 
+pub mod api;
 pub mod app;
 pub mod decode;
 pub mod demo;
 pub mod engine;
 pub mod features;
 pub mod generate;
+pub mod http;
 pub mod kafka;
 pub mod loadgen;
 pub mod metrics;

@@ -161,8 +161,9 @@ impl Metrics {
             ),
             publish_errors: counter_vec(
                 "segmenter_publish_errors_total",
-                "Delivery failures reported by the producer (retriable: retried from the \
-                 outbox; fatal: the service stops).",
+                "Producer errors: transport (a broker unreachable or a connection lost; \
+                 retried, nothing is dropped) and fatal (Kafka refused a record for good; it \
+                 stays in the outbox and the service stops).",
                 &["kind"],
             ),
             rebalances: counter_vec(
@@ -212,7 +213,7 @@ impl Metrics {
         for output in ["changes", "membership", "dlq"] {
             metrics.published.with_label_values(&[output]);
         }
-        for kind in ["retriable", "fatal"] {
+        for kind in ["transport", "fatal"] {
             metrics.publish_errors.with_label_values(&[kind]);
         }
         Arc::new(metrics)

@@ -592,15 +592,17 @@ pub fn decode_stored<S: Store + ?Sized>(
     if stored_id == layout.id {
         return codec::decode(bytes, layout, layout).map_err(|err| corrupt(err.0));
     }
-    if !old_layouts.contains_key(&stored_id) {
-        let raw = store
-            .get(Table::Meta, &keys::layout(stored_id))?
-            .ok_or_else(|| corrupt(format!("unknown state layout {stored_id:016x}")))?;
-        let old: StateLayout =
-            serde_json::from_slice(&raw).map_err(|err| corrupt(err.to_string()))?;
-        old_layouts.insert(stored_id, old);
-    }
-    let old = &old_layouts[&stored_id];
+    let old = match old_layouts.entry(stored_id) {
+        std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            let raw = store
+                .get(Table::Meta, &keys::layout(stored_id))?
+                .ok_or_else(|| corrupt(format!("unknown state layout {stored_id:016x}")))?;
+            let parsed: StateLayout =
+                serde_json::from_slice(&raw).map_err(|err| corrupt(err.to_string()))?;
+            slot.insert(parsed)
+        }
+    };
     codec::decode(bytes, old, layout).map_err(|err| corrupt(err.0))
 }
 

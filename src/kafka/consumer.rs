@@ -15,9 +15,10 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Statistics};
 
 use super::{client, consumer_config, KafkaSetupError};
+use crate::metrics::Metrics;
 use crate::settings::KafkaSettings;
 
 /// An input message, copied out of librdkafka's buffer.
@@ -138,11 +139,37 @@ pub trait InputSink: Send + Sync {
 /// Routes rebalances to the sink, seeking each assigned partition to its stored offset.
 pub struct SinkContext {
     pub sink: Arc<dyn InputSink>,
+    metrics: Arc<Metrics>,
     /// The consumer this context belongs to (set right after creation), to split queues.
     consumer: OnceLock<Weak<GroupConsumer>>,
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    /// Consumer lag per owned partition, from librdkafka's periodic statistics: the partition's
+    /// high watermark minus the offset committed for it (which segmenter commits only once the
+    /// input's effects are durable and published), or minus the consumer's position before the
+    /// first commit.
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                if *partition < 0 || !p.desired || p.fetch_state != "active" {
+                    continue;
+                }
+                let lag = if p.consumer_lag >= 0 {
+                    p.consumer_lag
+                } else if p.hi_offset >= 0 && p.app_offset >= 0 {
+                    (p.hi_offset - p.app_offset).max(0)
+                } else {
+                    continue;
+                };
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set(lag);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn rebalance(
@@ -196,6 +223,12 @@ impl ConsumerContext for SinkContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(?partitions, "partitions revoked");
+                for element in tpl.elements() {
+                    let _ = self
+                        .metrics
+                        .consumer_lag
+                        .remove_label_values(&[element.topic(), &element.partition().to_string()]);
+                }
                 self.sink.revoked(&partitions);
                 if let Err(error) = consumer.unassign() {
                     tracing::error!(%error, "unassign failed");
@@ -219,10 +252,12 @@ const HANDOVER: Duration = Duration::from_millis(20);
 pub fn group_consumer(
     settings: &KafkaSettings,
     sink: Arc<dyn InputSink>,
+    metrics: Arc<Metrics>,
 ) -> Result<Arc<GroupConsumer>, KafkaSetupError> {
     let consumer: GroupConsumer = consumer_config(settings)
         .create_with_context(SinkContext {
             sink,
+            metrics,
             consumer: OnceLock::new(),
         })
         .map_err(client("creating the consumer"))?;

@@ -15,6 +15,7 @@ use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 
+use crate::metrics::Metrics;
 use crate::outbox::OutboxRecord;
 use crate::settings::KafkaSettings;
 
@@ -68,6 +69,8 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
         ("partition.assignment.strategy", "range"),
         ("queued.max.messages.kbytes", "8192"),
         ("session.timeout.ms", "10000"),
+        // Consumer lag per partition for the metrics comes from these statistics.
+        ("statistics.interval.ms", "5000"),
     ];
     for (key, value) in defaults {
         if config.get(key).is_none() {
@@ -133,9 +136,20 @@ impl AckBoard {
 /// The producer's context: routes each delivery report to the [`AckBoard`].
 pub struct DeliveryContext {
     pub board: Arc<AckBoard>,
+    pub metrics: Arc<Metrics>,
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    /// Client-level errors (a broker unreachable, a connection lost): librdkafka retries them
+    /// itself; records wait in its queue and, beyond that, in the outbox.
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.metrics
+            .publish_errors
+            .with_label_values(&["transport"])
+            .inc();
+        tracing::warn!(%error, reason, "producer error (retried)");
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     /// (input partition, outbox sequence number)
@@ -163,6 +177,10 @@ impl ProducerContext for DeliveryContext {
                 // larger than the broker accepts). The record is NOT acknowledged: it stays in
                 // the outbox and the service stops with the reason instead of dropping it.
                 tracing::error!(partition, seq, %error, "delivery failed permanently");
+                self.metrics
+                    .publish_errors
+                    .with_label_values(&["fatal"])
+                    .inc();
                 if let Ok(mut failed) = self.board.failed.lock() {
                     failed.push(format!(
                         "publishing partition {partition} outbox record {seq}: {error}"
@@ -214,9 +232,10 @@ pub fn send(
 pub fn producer(
     settings: &KafkaSettings,
     board: Arc<AckBoard>,
+    metrics: Arc<Metrics>,
 ) -> Result<Producer, KafkaSetupError> {
     producer_config(settings)
-        .create_with_context(DeliveryContext { board })
+        .create_with_context(DeliveryContext { board, metrics })
         .map_err(client("creating the producer"))
 }
 

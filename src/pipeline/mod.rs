@@ -7,17 +7,18 @@
 pub mod merge;
 pub mod worker;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::decode::Decoder;
 use crate::engine::EngineConfig;
 use crate::kafka::consumer::{InputMessage, InputSink, PartitionInput};
 use crate::kafka::{AckBoard, Producer};
-use crate::model::Millis;
+use crate::metrics::Metrics;
+use crate::model::{Change, Millis};
 use crate::outbox::Topics;
 use crate::rules::Program;
 use crate::settings::PipelineSettings;
@@ -42,8 +43,21 @@ pub struct Shared {
     pub max_merge_wait: std::time::Duration,
     /// The wall clock (injectable for tests).
     pub clock: Box<dyn Fn() -> Millis + Send + Sync>,
+    pub metrics: Arc<Metrics>,
     publishable: Mutex<HashMap<(String, i32), i64>>,
     failure: Mutex<Option<String>>,
+    readiness: Mutex<Readiness>,
+}
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+struct Readiness {
+    /// A group assignment has been received (possibly empty).
+    assigned_once: bool,
+    /// Assigned partitions whose worker has not yet restored and started consuming.
+    restoring: BTreeSet<i32>,
+    /// Assigned partitions.
+    owned: BTreeSet<i32>,
 }
 
 impl Shared {
@@ -59,6 +73,7 @@ impl Shared {
         pipeline: PipelineSettings,
         max_future_skew: i64,
         input_topics: Vec<String>,
+        metrics: Arc<Metrics>,
     ) -> Shared {
         Shared {
             program,
@@ -73,9 +88,43 @@ impl Shared {
             input_topics,
             max_merge_wait: pipeline.max_merge_wait,
             clock: Box::new(wall_clock_ms),
+            metrics,
             publishable: Mutex::new(HashMap::new()),
             failure: Mutex::new(None),
+            readiness: Mutex::new(Readiness::default()),
         }
+    }
+
+    /// A partition's worker has restored its state and outbox and is consuming.
+    fn consuming(&self, partition: i32) {
+        if let Ok(mut readiness) = self.readiness.lock() {
+            readiness.restoring.remove(&partition);
+        }
+    }
+
+    /// `Ok(())` when ready to serve (assigned, every partition restored, no failure), else why not.
+    pub fn ready(&self) -> Result<(), String> {
+        if let Some(reason) = self.failure.lock().ok().and_then(|f| f.clone()) {
+            return Err(format!("failed: {reason}"));
+        }
+        let Ok(readiness) = self.readiness.lock() else {
+            return Err("internal lock poisoned".into());
+        };
+        if !readiness.assigned_once {
+            return Err("waiting for a partition assignment from the consumer group".into());
+        }
+        if !readiness.restoring.is_empty() {
+            return Err(format!("restoring partitions {:?}", readiness.restoring));
+        }
+        Ok(())
+    }
+
+    /// The input partitions this instance owns now.
+    pub fn owned_partitions(&self) -> Vec<i32> {
+        self.readiness
+            .lock()
+            .map(|r| r.owned.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     fn publishable(&self, partition: i32, offsets: Vec<(String, i64)>) {
@@ -143,6 +192,45 @@ impl Dispatcher {
         worker.or_else(|| self.shared.board.failure())
     }
 
+    /// Erases a customer through the worker that owns `partition` (its state's home); `None`
+    /// if the customer is unknown there.
+    pub fn erase(
+        &self,
+        partition: i32,
+        customer: &str,
+        timeout: Duration,
+    ) -> Result<Option<Vec<Change>>, String> {
+        let inputs = match self.routing.lock() {
+            Ok(routing) => routing.workers.get(&partition).map(|w| w.inputs.clone()),
+            Err(_) => None,
+        };
+        let Some(inputs) = inputs else {
+            return Err(format!(
+                "partition {partition} is not owned by this instance"
+            ));
+        };
+        let (reply, answer) = sync_channel(1);
+        let request = WorkerInput::Erase {
+            customer: customer.to_string(),
+            reply,
+        };
+        let deadline = Instant::now() + timeout;
+        let mut request = Some(request);
+        while let Some(pending) = request.take() {
+            match inputs.try_send(pending) {
+                Ok(()) => {}
+                Err(std::sync::mpsc::TrySendError::Full(returned)) if Instant::now() < deadline => {
+                    request = Some(returned);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return Err(format!("partition {partition} is busy or stopping")),
+            }
+        }
+        answer
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|_| format!("partition {partition} did not answer in time"))?
+    }
+
     fn send(&self, routing: &mut Routing, partition: i32) {
         let Some(batch) = routing.pending.remove(&partition).filter(|b| !b.is_empty()) else {
             return;
@@ -165,6 +253,16 @@ impl InputSink for Dispatcher {
     }
 
     fn assigned(&self, partitions: &[i32], inputs: Vec<PartitionInput>) {
+        let metrics = &self.shared.metrics;
+        metrics.rebalances.with_label_values(&["assigned"]).inc();
+        if let Ok(mut readiness) = self.shared.readiness.lock() {
+            readiness.assigned_once = true;
+            readiness.restoring.extend(partitions);
+            readiness.owned.extend(partitions);
+            metrics
+                .assigned_partitions
+                .set(readiness.owned.len() as i64);
+        }
         let Ok(mut routing) = self.routing.lock() else {
             return;
         };
@@ -191,6 +289,7 @@ impl InputSink for Dispatcher {
                     let _ = waker.try_send(WorkerInput::Wake);
                 });
             }
+            let started = Instant::now();
             let worker = match Worker::open(partition, self.shared.clone(), own_inputs) {
                 Ok(worker) => worker,
                 Err(error) => {
@@ -203,6 +302,9 @@ impl InputSink for Dispatcher {
             let spawned = std::thread::Builder::new()
                 .name(format!("partition-{partition}"))
                 .spawn(move || worker.run(receiver));
+            metrics
+                .restore_seconds
+                .observe(started.elapsed().as_secs_f64());
             match spawned {
                 Ok(thread) => {
                     routing
@@ -217,6 +319,19 @@ impl InputSink for Dispatcher {
     }
 
     fn revoked(&self, partitions: &[i32]) {
+        if !partitions.is_empty() {
+            let metrics = &self.shared.metrics;
+            metrics.rebalances.with_label_values(&["revoked"]).inc();
+            if let Ok(mut readiness) = self.shared.readiness.lock() {
+                for partition in partitions {
+                    readiness.owned.remove(partition);
+                    readiness.restoring.remove(partition);
+                }
+                metrics
+                    .assigned_partitions
+                    .set(readiness.owned.len() as i64);
+            }
+        }
         let handles: Vec<(i32, WorkerHandle)> = match self.routing.lock() {
             Ok(mut routing) => partitions
                 .iter()

@@ -2,17 +2,21 @@
 //! (partition p of every co-partitioned input topic). Per micro-batch it decodes, applies,
 //! and commits state + outbox + input offsets in one RocksDB write, then hands the outbox records
 //! to the producer; acknowledged records are deleted in a later write. Between batches it fires
-//! due wall-clock timers in bounded slices.
+//! due wall-clock timers in bounded slices. The same write keeps the partition's members index
+//! (segment → customers) in step with the memberships, which gives exact member counts after a
+//! restart and paged member lists without scanning states. Erasure requests are executed here,
+//! by the partition's owner, in order with its input.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::{ClockMode, EngineError, PartitionEngine};
+use crate::engine::{ClockMode, EngineError, Outcome, PartitionEngine};
 use crate::kafka::consumer::{InputMessage, PartitionInput};
 use crate::kafka::{self, AckBoard, Producer};
-use crate::model::{Change, Millis};
+use crate::metrics::{self, Metrics};
+use crate::model::{Change, ChangeKind, Millis};
 use crate::outbox::{OutboxRecord, SourceRef};
 use crate::store::{keys, RocksStore, Store, StoreError, Table, WriteSet};
 
@@ -24,6 +28,11 @@ pub enum WorkerInput {
     Batch(Vec<InputMessage>),
     /// Messages arrived on one of the worker's own input queues.
     Wake,
+    /// Erase a customer (GDPR); replies with the exits published for it, `None` if unknown.
+    Erase {
+        customer: String,
+        reply: SyncSender<Result<Option<Vec<Change>>, String>>,
+    },
     /// Publish everything outstanding (until the deadline), then stop and reply.
     Stop {
         deadline: Instant,
@@ -46,6 +55,36 @@ pub enum WorkerError {
 /// How often an idle worker checks timers and acknowledgements.
 const TICK: Duration = Duration::from_millis(20);
 
+/// Which output an outbox record goes to, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Changes,
+    Membership,
+    DeadLetters,
+}
+
+impl Output {
+    fn label(self) -> &'static str {
+        match self {
+            Output::Changes => "changes",
+            Output::Membership => "membership",
+            Output::DeadLetters => "dlq",
+        }
+    }
+}
+
+/// What the worker remembers about a record until Kafka acknowledges it.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    output: Output,
+    /// For change events: when the cause happened (the event's Kafka timestamp, the timer's
+    /// due time, the erasure request) and the cause's label — for the latency histogram.
+    origin: Option<(Millis, &'static str)>,
+}
+
+/// A record decided in this batch, with its metadata.
+type Decided = (OutboxRecord, Pending);
+
 pub struct Worker {
     partition: i32,
     shared: Arc<Shared>,
@@ -53,8 +92,9 @@ pub struct Worker {
     store: Arc<RocksStore>,
     producer: Arc<Producer>,
     board: Arc<AckBoard>,
+    metrics: Arc<Metrics>,
     next_seq: u64,
-    unacked: BTreeSet<u64>,
+    unacked: BTreeMap<u64, Pending>,
     acked: Vec<u64>,
     /// (first outbox seq *not* covered, input offsets reached) per committed batch.
     commit_points: VecDeque<(u64, Vec<(String, i64)>)>,
@@ -63,6 +103,10 @@ pub struct Worker {
     merger: Merger,
     /// This partition's queue of each input topic.
     inputs: Vec<PartitionInput>,
+    /// Members per segment (definition order) in this partition, mirrored in the gauge.
+    members: Vec<i64>,
+    /// Members-index updates decided since the last commit.
+    index_writes: WriteSet,
 }
 
 impl Worker {
@@ -88,16 +132,27 @@ impl Worker {
             shared.max_merge_wait,
             shared.pipeline.batch_size * super::QUEUED_BATCHES,
         );
+        let members = open_members_index(p, &shared, &store)?;
+        for (segment, count) in shared.program.segments.iter().zip(&members) {
+            shared
+                .metrics
+                .segment_members
+                .with_label_values(&[segment.id.as_str()])
+                .add(*count);
+        }
         Ok(Worker {
             partition,
             merger,
+            members,
+            index_writes: WriteSet::default(),
+            metrics: shared.metrics.clone(),
             producer: shared.producer.clone(),
             board: shared.board.clone(),
             shared,
             engine,
             store,
             next_seq,
-            unacked: BTreeSet::new(),
+            unacked: BTreeMap::new(),
             acked: Vec::new(),
             commit_points: VecDeque::new(),
             offsets: HashMap::new(),
@@ -113,10 +168,25 @@ impl Worker {
             tracing::error!(partition, %error, "partition worker failed");
             self.shared.fail(format!("partition {partition}: {error}"));
         }
+        self.release_metrics();
+    }
+
+    /// This partition's share of the gauges leaves with it.
+    fn release_metrics(&self) {
+        let label = self.partition.to_string();
+        for (segment, count) in self.shared.program.segments.iter().zip(&self.members) {
+            self.metrics
+                .segment_members
+                .with_label_values(&[segment.id.as_str()])
+                .sub(*count);
+        }
+        let _ = self.metrics.timers_pending.remove_label_values(&[&label]);
+        let _ = self.metrics.outbox_pending.remove_label_values(&[&label]);
     }
 
     fn serve(&mut self, inputs: Receiver<WorkerInput>) -> Result<(), WorkerError> {
         self.resend_outbox()?;
+        self.shared.consuming(self.partition);
         loop {
             self.collect_acks();
             if self.unacked.len() >= self.shared.pipeline.max_outbox_backlog {
@@ -134,6 +204,15 @@ impl Worker {
             match inputs.recv_timeout(TICK) {
                 Ok(WorkerInput::Batch(batch)) => self.process(batch, false)?,
                 Ok(WorkerInput::Wake) => {}
+                Ok(WorkerInput::Erase { customer, reply }) => {
+                    let outcome = self.erase(&customer);
+                    let answer = match &outcome {
+                        Ok(exits) => Ok(exits.clone()),
+                        Err(error) => Err(error.to_string()),
+                    };
+                    let _ = reply.send(answer);
+                    outcome?;
+                }
                 Ok(WorkerInput::Stop { deadline, reply }) => {
                     self.process(Vec::new(), true)?;
                     self.drain(deadline)?;
@@ -170,9 +249,51 @@ impl Worker {
             self.next_seq = self.next_seq.max(seq + 1);
             kafka::send(&self.producer, self.partition, seq, &record)
                 .map_err(|e| WorkerError::Produce(e.to_string()))?;
-            self.unacked.insert(seq);
+            let output = self.output_of(&record);
+            self.unacked.insert(
+                seq,
+                Pending {
+                    output,
+                    origin: None,
+                },
+            );
         }
         Ok(())
+    }
+
+    fn output_of(&self, record: &OutboxRecord) -> Output {
+        let topics = &self.shared.topics;
+        if record.topic == topics.changes {
+            Output::Changes
+        } else if record.topic == topics.membership {
+            Output::Membership
+        } else {
+            Output::DeadLetters
+        }
+    }
+
+    /// Erases a customer: exits (cause `deleted`) and tombstones are committed with the state
+    /// deletion in one write, then published like any change.
+    fn erase(&mut self, customer: &str) -> Result<Option<Vec<Change>>, WorkerError> {
+        let wall = self.wall_clock();
+        let at = match self.shared.engine.clock {
+            ClockMode::Wall => wall,
+            ClockMode::Event => self.engine.now().unwrap_or(wall),
+        };
+        if !self.engine.erase(customer, at, &mut self.changes)? {
+            return Ok(None);
+        }
+        let exits = self.changes.clone();
+        let mut records = Vec::new();
+        self.drain_changes(&mut records, Some((wall, "deleted")));
+        self.commit(records)?;
+        tracing::info!(
+            partition = self.partition,
+            customer,
+            exits = exits.len(),
+            "customer erased"
+        );
+        Ok(Some(exits))
     }
 
     /// Takes already-fetched messages from the input queues without waiting: up to a batch per
@@ -210,7 +331,7 @@ impl Worker {
         let size = ready.len();
         let oldest = ready.iter().filter_map(|m| m.timestamp).min();
         let intake_lag_ms = oldest.map_or(0, |ts| self.wall_clock() - ts);
-        let mut records = Vec::new();
+        let mut records: Vec<Decided> = Vec::new();
         self.fire_wall_timers(&mut records)?;
         for message in ready {
             self.offsets
@@ -230,12 +351,7 @@ impl Worker {
                 Ok(event) => event,
                 Err(error) => {
                     tracing::debug!(partition = message.partition, offset = message.offset, %error, "dead-lettered");
-                    records.push(OutboxRecord::dead_letter(
-                        &self.shared.topics,
-                        &source,
-                        error.reason(),
-                        &error.to_string(),
-                    ));
+                    records.push(self.dead_letter(&source, error.reason(), &error.to_string()));
                     continue;
                 }
             };
@@ -244,21 +360,24 @@ impl Worker {
                 let ahead = event.timestamp - now;
                 if ahead > self.shared.max_future_skew {
                     let error = crate::decode::DecodeError::TooFarInFuture { ahead_ms: ahead };
-                    records.push(OutboxRecord::dead_letter(
-                        &self.shared.topics,
-                        &source,
-                        error.reason(),
-                        &error.to_string(),
-                    ));
+                    records.push(self.dead_letter(&source, error.reason(), &error.to_string()));
                     continue;
                 }
             }
-            self.engine.apply_event(&event, &mut self.changes)?;
-            self.drain_changes(&mut records);
+            let outcome = match self.engine.apply_event(&event, &mut self.changes)? {
+                Outcome::Applied => metrics::Outcome::Ok,
+                Outcome::Duplicate => metrics::Outcome::Duplicate,
+            };
+            self.metrics.consumed(&message.topic, outcome);
+            let origin = message.timestamp.unwrap_or(event.timestamp);
+            self.drain_changes(&mut records, Some((origin, "event")));
         }
         let applied = started.elapsed();
         let produced = records.len();
         self.commit(records)?;
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
         tracing::debug!(
             partition = self.partition,
             size,
@@ -272,22 +391,88 @@ impl Worker {
         Ok(())
     }
 
-    fn drain_changes(&mut self, records: &mut Vec<OutboxRecord>) {
+    fn dead_letter(&self, source: &SourceRef<'_>, reason: &'static str, detail: &str) -> Decided {
+        self.metrics
+            .consumed(source.topic, metrics::Outcome::DeadLettered);
+        self.metrics.dead_letters.with_label_values(&[reason]).inc();
+        let record = OutboxRecord::dead_letter(&self.shared.topics, source, reason, detail);
+        let pending = Pending {
+            output: Output::DeadLetters,
+            origin: None,
+        };
+        (record, pending)
+    }
+
+    /// Turns the engine's changes into outbox records, members-index updates and metrics.
+    /// `origin` is the cause's time and label; `None` means timers (each change's own `at`).
+    fn drain_changes(
+        &mut self,
+        records: &mut Vec<Decided>,
+        origin: Option<(Millis, &'static str)>,
+    ) {
+        let p = self.partition as u32;
         for change in self.changes.drain(..) {
-            records.push(OutboxRecord::change(&self.shared.topics, &change));
-            records.push(OutboxRecord::membership(&self.shared.topics, &change));
+            let idx = self.shared.program.segment_index(&change.segment);
+            let member_key = keys::member(p, &change.segment, &change.customer_id);
+            let delta = match change.kind {
+                ChangeKind::Entered => {
+                    self.index_writes.put(
+                        Table::Members,
+                        member_key,
+                        change.at.to_be_bytes().to_vec(),
+                    );
+                    1
+                }
+                ChangeKind::Exited => {
+                    self.index_writes.delete(Table::Members, member_key);
+                    -1
+                }
+            };
+            if let Some(idx) = idx {
+                self.members[idx] += delta;
+            }
+            let segment = change.segment.as_str();
+            self.metrics
+                .segment_members
+                .with_label_values(&[segment])
+                .add(delta);
+            self.metrics
+                .segment_changes
+                .with_label_values(&[segment, change.kind.as_str()])
+                .inc();
+            let origin = origin.unwrap_or((change.at, "timer"));
+            records.push((
+                OutboxRecord::change(&self.shared.topics, &change),
+                Pending {
+                    output: Output::Changes,
+                    origin: Some(origin),
+                },
+            ));
+            records.push((
+                OutboxRecord::membership(&self.shared.topics, &change),
+                Pending {
+                    output: Output::Membership,
+                    origin: None,
+                },
+            ));
         }
     }
 
     /// In wall-clock mode, fires one bounded slice of due timers.
-    fn fire_wall_timers(&mut self, records: &mut Vec<OutboxRecord>) -> Result<(), WorkerError> {
+    fn fire_wall_timers(&mut self, records: &mut Vec<Decided>) -> Result<(), WorkerError> {
         if self.shared.engine.clock != ClockMode::Wall {
             return Ok(());
         }
         let now = self.wall_clock();
         self.engine
             .advance_bounded(now, self.shared.pipeline.timer_slice, &mut self.changes)?;
-        self.drain_changes(records);
+        for due in self.engine.take_fired() {
+            self.metrics.timers_fired.inc();
+            self.metrics
+                .timer_lateness_seconds
+                .observe((now - due).max(0) as f64 / 1000.0);
+        }
+        self.drain_changes(records, None);
         Ok(())
     }
 
@@ -299,7 +484,7 @@ impl Worker {
         self.collect_acks();
         let mut records = Vec::new();
         self.fire_wall_timers(&mut records)?;
-        if !records.is_empty() || !self.acked.is_empty() {
+        if !records.is_empty() || !self.acked.is_empty() || !self.index_writes.is_empty() {
             self.commit(records)?;
         }
         Ok(())
@@ -307,12 +492,15 @@ impl Worker {
 
     /// One atomic write: engine state, new outbox records, input offsets, deletion of
     /// acknowledged records. Only then are the new records handed to the producer.
-    fn commit(&mut self, records: Vec<OutboxRecord>) -> Result<(), WorkerError> {
+    fn commit(&mut self, records: Vec<Decided>) -> Result<(), WorkerError> {
         let p = self.partition as u32;
         let mut writes: WriteSet = self.engine.take_writes();
+        writes
+            .ops
+            .append(&mut std::mem::take(&mut self.index_writes).ops);
         let first = self.next_seq;
         let mut encoded = Vec::with_capacity(records.len());
-        for record in &records {
+        for (record, _) in &records {
             let seq = self.next_seq;
             self.next_seq += 1;
             writes.put(Table::Outbox, keys::outbox(p, seq), record.encode());
@@ -336,30 +524,62 @@ impl Worker {
             writes.delete(Table::Outbox, keys::outbox(p, seq));
         }
         self.store.write(writes)?;
-        for (seq, record) in encoded.into_iter().zip(&records) {
+        for (seq, (record, pending)) in encoded.into_iter().zip(&records) {
             kafka::send(&self.producer, self.partition, seq, record)
                 .map_err(|e| WorkerError::Produce(e.to_string()))?;
-            self.unacked.insert(seq);
+            self.unacked.insert(seq, *pending);
         }
         if self.next_seq > first || !reached.is_empty() {
             self.commit_points.push_back((self.next_seq, reached));
         }
         self.publish_offsets();
+        let label = self.partition.to_string();
+        self.metrics
+            .timers_pending
+            .with_label_values(&[&label])
+            .set(self.engine.pending_timers() as i64);
+        self.metrics
+            .outbox_pending
+            .with_label_values(&[&label])
+            .set(self.unacked.len() as i64);
         Ok(())
     }
 
     fn collect_acks(&mut self) {
-        for seq in self.board.take(self.partition) {
-            if self.unacked.remove(&seq) {
-                self.acked.push(seq);
+        let acked = self.board.take(self.partition);
+        if acked.is_empty() {
+            return;
+        }
+        let now = self.wall_clock();
+        for seq in acked {
+            let Some(pending) = self.unacked.remove(&seq) else {
+                continue;
+            };
+            self.acked.push(seq);
+            self.metrics
+                .published
+                .with_label_values(&[pending.output.label()])
+                .inc();
+            if let Some((origin, cause)) = pending.origin {
+                self.metrics
+                    .event_to_publish_seconds
+                    .with_label_values(&[cause])
+                    .observe((now - origin).max(0) as f64 / 1000.0);
             }
         }
         self.publish_offsets();
+        self.metrics
+            .outbox_pending
+            .with_label_values(&[&self.partition.to_string()])
+            .set(self.unacked.len() as i64);
     }
 
     /// Input offsets whose outbox records are all acknowledged may be committed to Kafka.
     fn publish_offsets(&mut self) {
-        let first_unacked = self.unacked.first().copied().unwrap_or(self.next_seq);
+        let first_unacked = self
+            .unacked
+            .first_key_value()
+            .map_or(self.next_seq, |(seq, _)| *seq);
         let mut reached = Vec::new();
         while let Some((end, _)) = self.commit_points.front() {
             if *end > first_unacked {
@@ -390,4 +610,79 @@ impl Worker {
         }
         self.commit(Vec::new())
     }
+}
+
+/// Opens the partition's members index: rebuilt from the stored states when it was built for
+/// other definitions (or never), then counted per segment.
+fn open_members_index(
+    partition: u32,
+    shared: &Shared,
+    store: &RocksStore,
+) -> Result<Vec<i64>, WorkerError> {
+    let program = &shared.program;
+    let version_key = keys::members_version(partition);
+    let built_for = store.get(Table::Meta, &version_key)?;
+    if built_for.as_deref() != Some(program.version.as_bytes()) {
+        let started = Instant::now();
+        let prefix = keys::partition_prefix(partition);
+        let mut writes = WriteSet::default();
+        for (key, _) in store.scan_prefix(Table::Members, &prefix)? {
+            writes.delete(Table::Members, key);
+        }
+        let layout = crate::store::codec::StateLayout::of(program);
+        let mut old_layouts = HashMap::new();
+        let mut customers = 0;
+        let mut failure = None;
+        store.for_each_prefix(Table::Customers, &prefix, &mut |key, bytes| {
+            let Some(customer) = keys::parse_customer(key) else {
+                return true;
+            };
+            let state = match crate::engine::decode_stored(
+                store,
+                &layout,
+                &mut old_layouts,
+                partition,
+                customer,
+                bytes,
+            ) {
+                Ok(state) => state,
+                Err(error) => {
+                    failure = Some(error);
+                    return false;
+                }
+            };
+            customers += 1;
+            for (segment, membership) in program.segments.iter().zip(&state.memberships) {
+                if membership.member {
+                    writes.put(
+                        Table::Members,
+                        keys::member(partition, &segment.id, customer),
+                        membership.since.to_be_bytes().to_vec(),
+                    );
+                }
+            }
+            true
+        })?;
+        if let Some(error) = failure {
+            return Err(error.into());
+        }
+        writes.put(
+            Table::Meta,
+            version_key,
+            program.version.as_bytes().to_vec(),
+        );
+        store.write(writes)?;
+        tracing::info!(
+            partition,
+            customers,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "members index rebuilt for the current definitions"
+        );
+    }
+    let mut counts = Vec::with_capacity(program.segments.len());
+    for segment in &program.segments {
+        let prefix = keys::members_prefix(partition, &segment.id);
+        counts.push(store.count_prefix(Table::Members, &prefix)? as i64);
+    }
+    Ok(counts)
 }

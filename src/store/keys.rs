@@ -11,6 +11,36 @@ pub fn customer(partition: u32, customer_id: &str) -> Vec<u8> {
     key
 }
 
+/// `partition(4) segment 0x00` in [`super::Table::Members`]: one segment's members in a
+/// partition (segment ids never contain a NUL byte).
+pub fn members_prefix(partition: u32, segment: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(5 + segment.len());
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.extend_from_slice(segment.as_bytes());
+    key.push(0);
+    key
+}
+
+/// `partition(4) segment 0x00 customer_id` in [`super::Table::Members`].
+pub fn member(partition: u32, segment: &str, customer_id: &str) -> Vec<u8> {
+    let mut key = members_prefix(partition, segment);
+    key.extend_from_slice(customer_id.as_bytes());
+    key
+}
+
+/// The customer id of a member key, given its prefix length.
+pub fn parse_member(key: &[u8], prefix_len: usize) -> Option<&str> {
+    std::str::from_utf8(key.get(prefix_len..)?).ok()
+}
+
+/// `members_version/partition(4)` in Meta: the definitions version the partition's members
+/// index was built for (rebuilt from the states when it differs).
+pub fn members_version(partition: u32) -> Vec<u8> {
+    let mut key = b"members_version/".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
 /// `partition(4)`: the prefix of all of a partition's keys.
 pub fn partition_prefix(partition: u32) -> Vec<u8> {
     partition.to_be_bytes().to_vec()

@@ -21,10 +21,19 @@ pub enum Table {
     Meta,
     /// partition + sequence → an encoded record waiting to be published (see `outbox`).
     Outbox,
+    /// partition + segment + customer id → since: the members of each segment, for paging
+    /// and exact member counts (written in the same batch as the memberships they mirror).
+    Members,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::Customers, Table::Timers, Table::Meta, Table::Outbox];
+    pub const ALL: [Table; 5] = [
+        Table::Customers,
+        Table::Timers,
+        Table::Meta,
+        Table::Outbox,
+        Table::Members,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -32,6 +41,7 @@ impl Table {
             Table::Timers => "timers",
             Table::Meta => "meta",
             Table::Outbox => "outbox",
+            Table::Members => "members",
         }
     }
 }
@@ -74,4 +84,42 @@ pub trait Store: Send + Sync {
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError>;
     /// Applies `writes` atomically.
     fn write(&self, writes: WriteSet) -> Result<(), StoreError>;
+
+    /// Up to `limit` entries whose key starts with `prefix` and sorts after `after` (from the
+    /// start of the prefix if `None`), in key order.
+    fn scan_page(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StoreError> {
+        Ok(self
+            .scan_prefix(table, prefix)?
+            .into_iter()
+            .filter(|(key, _)| after.is_none_or(|after| key.as_slice() > after))
+            .take(limit)
+            .collect())
+    }
+
+    /// Calls `visit` with every entry whose key starts with `prefix`, in key order, without
+    /// holding them all in memory; stops early when `visit` returns false.
+    fn for_each_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        for (key, value) in self.scan_prefix(table, prefix)? {
+            if !visit(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many keys start with `prefix`.
+    fn count_prefix(&self, table: Table, prefix: &[u8]) -> Result<u64, StoreError> {
+        Ok(self.scan_prefix(table, prefix)?.len() as u64)
+    }
 }

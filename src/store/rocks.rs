@@ -113,6 +113,69 @@ impl Store for RocksStore {
         Ok(out)
     }
 
+    fn scan_page(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StoreError> {
+        let family = self.family(table)?;
+        let start = after.filter(|after| *after > prefix).unwrap_or(prefix);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(family, IteratorMode::From(start, Direction::Forward))
+        {
+            if out.len() == limit {
+                break;
+            }
+            let (key, value) = item.map_err(io)?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if after.is_some_and(|after| &*key <= after) {
+                continue;
+            }
+            out.push((key.into_vec(), value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    fn for_each_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let family = self.family(table)?;
+        let mut iter = self.db.raw_iterator_cf(family);
+        iter.seek(prefix);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            if !key.starts_with(prefix) || !visit(key, value) {
+                break;
+            }
+            iter.next();
+        }
+        iter.status().map_err(io)
+    }
+
+    fn count_prefix(&self, table: Table, prefix: &[u8]) -> Result<u64, StoreError> {
+        let family = self.family(table)?;
+        let mut count = 0;
+        let mut iter = self.db.raw_iterator_cf(family);
+        iter.seek(prefix);
+        while let Some(key) = iter.key() {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            count += 1;
+            iter.next();
+        }
+        iter.status().map_err(io)?;
+        Ok(count)
+    }
+
     fn write(&self, writes: WriteSet) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for (table, key, value) in writes.ops {
