@@ -32,6 +32,8 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
     /// Segment definitions to use instead of the built-in demo set.
     pub segments: Option<PathBuf>,
+    /// Where the HTTP API and /metrics listen.
+    pub http: String,
 }
 
 /// Runs the demo until `shutdown` is set or the duration passes.
@@ -57,8 +59,9 @@ pub async fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Res
     };
     let config_path = work.path().join("demo.toml");
     let config = format!(
-        "[engine]\nclock = \"wall\"\n\n[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"segmenter-demo\"\n\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\n[state]\ndir = \"{}\"\n\n{segments}\n",
-        work.path().join("state").display()
+        "[engine]\nclock = \"wall\"\n\n[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"segmenter-demo\"\n\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\n[state]\ndir = \"{}\"\n\n[http]\nlisten = \"{}\"\n\n{segments}\n",
+        work.path().join("state").display(),
+        options.http,
     );
     std::fs::write(&config_path, config).context("writing the demo config")?;
     let settings =
@@ -73,6 +76,13 @@ pub async fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Res
     for segment in &settings.program.segments {
         println!("  {:<22} {}", segment.id, segment.canonical);
     }
+    let api = format!("http://{}", options.http);
+    println!(
+        "\nHTTP API: {api}/segments  {api}/metrics  {api}/readyz\n  \
+         a customer: {api}/customers/<id>  why: {api}/customers/<id>/explain?segment=<segment>\n  \
+         members: {api}/segments/<segment>/members?limit=10\n  \
+         preview: curl -d 'count(\"Order Completed\", 7d) >= 1' {api}/segments/preview\n"
+    );
     println!("joining the consumer group takes a few seconds; changes appear below as they are published.\n");
 
     let stop = Arc::new(AtomicBool::new(false));

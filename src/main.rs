@@ -47,6 +47,9 @@ enum Command {
         /// Segment definitions to use instead of the built-in demo set.
         #[arg(long)]
         segments: Option<PathBuf>,
+        /// Address of the HTTP API and /metrics.
+        #[arg(long, default_value = "127.0.0.1:9898")]
+        http: String,
     },
     /// Produce realistic generated customer events to Kafka at a steady rate (for docker
     /// compose and load tests): keyed by customer id, routed by kind to the input topics.
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
@@ -143,12 +147,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             customers,
             duration,
             segments,
+            http,
         } => {
             let options = segmenter::demo::DemoOptions {
                 rate,
                 customers,
                 duration: duration.map(std::time::Duration::from_secs),
                 segments,
+                http,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -316,6 +316,21 @@ impl Service {
         }
     }
 
+    /// The address the HTTP API bound (the test configs ask for port 0), from the log.
+    pub fn http_address(&mut self) -> String {
+        self.wait_for_log("HTTP API listening", Duration::from_secs(30));
+        let text = self.log_text();
+        let line = text
+            .lines()
+            .find(|line| line.contains("HTTP API listening"))
+            .expect("the line was just seen");
+        let address = line
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("address="))
+            .unwrap_or_else(|| panic!("no address= in {line:?}"));
+        address.to_string()
+    }
+
     /// Waits until the service has joined the group and has its partitions.
     pub fn wait_assigned(&mut self) {
         self.wait_for_log("partitions assigned", Duration::from_secs(60));
@@ -955,4 +970,95 @@ pub fn wait_committed(brokers: &str, group: &str, topics: &[&str], service: &mut
         );
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// HTTP
+
+/// One HTTP/1.1 request (`Connection: close`) with std only; returns status and body.
+pub fn http(address: &str, method: &str, path: &str, body: Option<(&str, &str)>) -> (u16, String) {
+    use std::net::TcpStream;
+    let mut stream = TcpStream::connect(address)
+        .unwrap_or_else(|e| panic!("connecting to the HTTP API at {address}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("setting a read timeout");
+    let (content_type, content) = body.unwrap_or(("text/plain", ""));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{content}",
+        content.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .expect("writing the HTTP request");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .expect("reading the HTTP response");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("malformed HTTP response: {text:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `GET` returning JSON; panics unless the status is `expect`.
+pub fn get_json(address: &str, path: &str, expect: u16) -> Value {
+    let (status, body) = http(address, "GET", path, None);
+    assert_eq!(status, expect, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
+}
+
+/// The value of one sample in Prometheus text: `name` with exactly these labels (order free).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if metric_name != name {
+                return None;
+            }
+            let mut have: Vec<String> = if label_text.is_empty() {
+                Vec::new()
+            } else {
+                label_text.split(',').map(str::to_string).collect()
+            };
+            have.sort();
+            (have == wanted).then(|| value.parse().ok())?
+        })
 }
