@@ -16,6 +16,7 @@ use crate::model::time::format_rfc3339;
 use crate::model::{Change, Millis};
 use crate::pipeline::{Dispatcher, Shared};
 use crate::rules::error::line_col;
+use crate::rules::explain::format_duration;
 use crate::rules::program::FeatureLayout;
 use crate::rules::{compile, evaluate_dirty, explain, Program, SegmentDef};
 use crate::store::codec::StateLayout;
@@ -415,10 +416,10 @@ fn missing_features(current: &FeatureLayout, extended: &FeatureLayout) -> Vec<St
         match kept {
             None => missing.push(format!("per-event history of {}", readable(name))),
             Some(at) if current.series[at].retention < needed => missing.push(format!(
-                "{} ms of history of {} (kept: {} ms)",
-                needed,
+                "{} of history of {} (kept: {})",
+                format_duration(needed as f64),
                 readable(name),
-                current.series[at].retention
+                format_duration(current.series[at].retention as f64)
             )),
             Some(_) => {}
         }

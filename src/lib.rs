@@ -17,6 +17,10 @@
 //! - `store`: key layout, value codec, RocksDB. `settings`: config file + env overrides.
 //! - `replay`: the offline command; `generate`: realistic synthetic traffic; `loadgen`: that
 //!   traffic produced to Kafka (`segmenter generate`, the demo).
+//! - `kafka`: consumer/producer edges; `pipeline`: per-partition workers (outbox, offsets,
+//!   members index, wall timers); `app`: wiring and ordered shutdown of `segmenter run`.
+//! - `metrics`: every Prometheus metric, in one place; `api`: what the HTTP routes answer
+//!   (reads from RocksDB, erasure through the owning worker); `http`: the axum routes.
 
 pub mod api;
 pub mod app;

@@ -814,6 +814,29 @@ rule = 'count("x", 4s) >= 1'
         );
         eprintln!("wall clock: {segment} {change} observed {late} ms after its due time");
     }
+    // The same firings in the metrics: at least these two timers fired (a re-check that
+    // changes nothing also counts), each measured late by under 2.5 s.
+    let address = service.http_address();
+    let (status, text) = service::http(&address, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let sample = |name: &str, labels: &[(&str, &str)]| {
+        service::metric(&text, name, labels).unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let fired = sample("segmenter_timers_fired_total", &[]);
+    assert!(fired >= 2.0, "{fired} timers fired");
+    assert_eq!(sample("segmenter_timer_lateness_seconds_count", &[]), fired);
+    assert_eq!(
+        sample("segmenter_timer_lateness_seconds_bucket", &[("le", "2.5")]),
+        fired,
+        "every timer fired within 2.5 s of its due time"
+    );
+    assert_eq!(
+        sample(
+            "segmenter_event_to_publish_seconds_count",
+            &[("cause", "timer")]
+        ),
+        2.0
+    );
     stop_gracefully(&mut service, Duration::from_secs(15));
 }
 

@@ -55,6 +55,9 @@ pub enum WorkerError {
 /// How often an idle worker checks timers and acknowledgements.
 const TICK: Duration = Duration::from_millis(20);
 
+/// Batches' worth of messages the cross-topic merge may hold before it must release them.
+const MERGE_BATCHES: usize = 8;
+
 /// Which output an outbox record goes to, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Output {
@@ -96,6 +99,8 @@ pub struct Worker {
     next_seq: u64,
     unacked: BTreeMap<u64, Pending>,
     acked: Vec<u64>,
+    /// Outbox records below this sequence number are deleted.
+    outbox_floor: u64,
     /// (first outbox seq *not* covered, input offsets reached) per committed batch.
     commit_points: VecDeque<(u64, Vec<(String, i64)>)>,
     offsets: HashMap<String, i64>,
@@ -130,7 +135,7 @@ impl Worker {
         let merger = Merger::new(
             &shared.input_topics,
             shared.max_merge_wait,
-            shared.pipeline.batch_size * super::QUEUED_BATCHES,
+            shared.pipeline.batch_size * MERGE_BATCHES,
         );
         let members = open_members_index(p, &shared, &store)?;
         for (segment, count) in shared.program.segments.iter().zip(&members) {
@@ -154,6 +159,7 @@ impl Worker {
             next_seq,
             unacked: BTreeMap::new(),
             acked: Vec::new(),
+            outbox_floor: 0,
             commit_points: VecDeque::new(),
             offsets: HashMap::new(),
             changes: Vec::new(),
@@ -495,10 +501,23 @@ impl Worker {
     fn commit(&mut self, records: Vec<Decided>) -> Result<(), WorkerError> {
         let p = self.partition as u32;
         let mut writes: WriteSet = self.engine.take_writes();
-        writes
-            .ops
-            .append(&mut std::mem::take(&mut self.index_writes).ops);
+        writes.append(&mut self.index_writes);
         let first = self.next_seq;
+        // Everything below the first unacknowledged record is acknowledged: one range deletion
+        // (acknowledgements arrive out of order across output partitions; the few beyond the
+        // prefix are deleted one by one).
+        let first_unacked = self
+            .unacked
+            .first_key_value()
+            .map_or(first, |(seq, _)| *seq);
+        if first_unacked > self.outbox_floor {
+            writes.delete_range(
+                Table::Outbox,
+                keys::outbox(p, self.outbox_floor),
+                keys::outbox(p, first_unacked),
+            );
+            self.outbox_floor = first_unacked;
+        }
         let mut encoded = Vec::with_capacity(records.len());
         for (record, _) in &records {
             let seq = self.next_seq;
@@ -521,7 +540,9 @@ impl Worker {
             reached.push((topic.clone(), *offset));
         }
         for seq in self.acked.drain(..) {
-            writes.delete(Table::Outbox, keys::outbox(p, seq));
+            if seq >= first_unacked {
+                writes.delete(Table::Outbox, keys::outbox(p, seq));
+            }
         }
         self.store.write(writes)?;
         for (seq, (record, pending)) in encoded.into_iter().zip(&records) {

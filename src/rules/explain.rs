@@ -138,7 +138,7 @@ fn render(value: Val<'_>) -> Value {
 }
 
 /// `93784005` ms → `"1d 2h 3m 4.005s"`.
-fn format_duration(ms: f64) -> String {
+pub fn format_duration(ms: f64) -> String {
     if !ms.is_finite() {
         return if ms > 0.0 { "forever" } else { "-forever" }.into();
     }

@@ -36,6 +36,9 @@ impl Store for MemoryStore {
 
     fn write(&self, writes: WriteSet) -> Result<(), StoreError> {
         let mut tables = self.lock()?;
+        for (table, from, to) in writes.ranges {
+            tables.retain(|(t, key), _| !(*t == table && *key >= from && *key < to));
+        }
         for (table, key, value) in writes.ops {
             match value {
                 Some(value) => tables.insert((table, key), value),

@@ -57,13 +57,29 @@ pub enum StoreError {
 /// Key/value pairs returned by a scan, in key order.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// Puts and deletes applied together or not at all.
+/// Puts and deletes applied together or not at all. Range deletions apply first, then `ops`
+/// in order.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct WriteSet {
     pub ops: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
+    /// `[from, to)` key ranges to delete.
+    pub ranges: Vec<(Table, Vec<u8>, Vec<u8>)>,
 }
 
 impl WriteSet {
+    /// Deletes every key in `[from, to)`: one operation however many keys it covers.
+    pub fn delete_range(&mut self, table: Table, from: Vec<u8>, to: Vec<u8>) {
+        if from < to {
+            self.ranges.push((table, from, to));
+        }
+    }
+
+    /// Moves everything in `other` into this set (after what is already here).
+    pub fn append(&mut self, other: &mut WriteSet) {
+        self.ops.append(&mut other.ops);
+        self.ranges.append(&mut other.ranges);
+    }
+
     pub fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
         self.ops.push((table, key, Some(value)));
     }
@@ -73,7 +89,7 @@ impl WriteSet {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.ranges.is_empty()
     }
 }
 
