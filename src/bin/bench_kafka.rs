@@ -2,7 +2,9 @@
 //! generated events, measures a bare rdkafka consumer reading them (the ceiling), then the
 //! `segmenter run` service (child process, all segments of config/segments.toml, wall clock,
 //! timers and de-duplication on) from its first committed batch to the last change acknowledged,
-//! and finally event→publish latency under an open-loop load at a fraction of that throughput.
+//! and finally event→publish latency under an open-loop load at a fraction of that throughput:
+//! as seen by a downstream reader of the change topic, and from the service's own histogram
+//! (`segmenter_event_to_publish_seconds`, scraped before and after the load).
 //!
 //!     cargo run --release --bin bench_kafka -- [--events N] [--customers N] [--load-fraction F]
 //!         [--load-seconds S] [--brokers HOST:PORT]
@@ -141,14 +143,90 @@ fn committed(brokers: &str, group: &str) -> anyhow::Result<i64> {
         .sum())
 }
 
-fn start_service(brokers: &str, work: &std::path::Path, group: &str) -> anyhow::Result<Child> {
+/// A free local TCP port for the service's HTTP API.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `GET /metrics` from the service.
+fn scrape(port: u16) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Cumulative bucket counts `(le, count)` of `segmenter_event_to_publish_seconds{cause="event"}`.
+fn publish_buckets(metrics: &str) -> Vec<(f64, f64)> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("segmenter_event_to_publish_seconds_bucket{cause=\"event\""))
+        .filter_map(|line| {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = line.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect()
+}
+
+/// A quantile from histogram buckets (`after - before`), interpolated within the bucket as
+/// Prometheus' `histogram_quantile` does; in milliseconds.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let deltas: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let old = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, n)| *n);
+            (*le, n - old)
+        })
+        .collect();
+    let total = deltas.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for (le, count) in deltas {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower.0 * 1000.0);
+            }
+            let within = (rank - lower.1) / (count - lower.1).max(1.0);
+            return Some((lower.0 + (le - lower.0) * within) * 1000.0);
+        }
+        lower = (le, count);
+    }
+    None
+}
+
+fn start_service(
+    brokers: &str,
+    work: &std::path::Path,
+    group: &str,
+    http_port: u16,
+) -> anyhow::Result<Child> {
     let segments =
         std::fs::canonicalize("config/segments.toml").context("run from the repository root")?;
     let config = work.join(format!("{group}.toml"));
     std::fs::write(
         &config,
         format!(
-            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{INPUT}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{group}-changes\"\nmembership_topic = \"{group}-membership\"\ndlq_topic = \"{group}-dlq\"\n[state]\ndir = {:?}\n",
+            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{INPUT}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{group}-changes\"\nmembership_topic = \"{group}-membership\"\ndlq_topic = \"{group}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
             work.join(format!("{group}-state"))
         ),
     )?;
@@ -239,7 +317,7 @@ fn main() -> anyhow::Result<()> {
     drop(consumer);
 
     // 3. the service, from its first committed batch to the last acknowledged change
-    let child = start_service(&brokers, work.path(), "bench-a")?;
+    let child = start_service(&brokers, work.path(), "bench-a", free_port()?)?;
     let total = args.events as i64;
     let deadline = Instant::now() + Duration::from_secs(900);
     let mut first: Option<(Instant, i64)> = None;
@@ -276,7 +354,8 @@ fn main() -> anyhow::Result<()> {
 
     // 4. latency under open-loop load at a fraction of the measured throughput
     let rate = (service * args.load_fraction).max(1.0);
-    let child = start_service(&brokers, work.path(), "bench-b")?;
+    let http_port = free_port()?;
+    let child = start_service(&brokers, work.path(), "bench-b", http_port)?;
     std::thread::sleep(Duration::from_secs(8));
     let changes = assigned_consumer(&brokers, "bench-b-changes", "bench-latency")?;
     // Drain what the catch-up of the preloaded events produced.
@@ -297,19 +376,30 @@ fn main() -> anyhow::Result<()> {
         duplicate_fraction: 0.0,
         malformed_fraction: 0.0,
     });
+    // The change topic is read on its own thread, polling continuously, so a busy producer
+    // loop never delays the moment a change is seen.
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = {
+        let reading = reading.clone();
+        std::thread::spawn(move || {
+            let mut seen: Vec<(String, i64)> = Vec::new();
+            while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(Ok(message)) = changes.poll(Duration::from_millis(20)) {
+                    if let Some(id) = message_id_of(&message) {
+                        seen.push((id, wall_clock_ms()));
+                    }
+                }
+            }
+            seen
+        })
+    };
+    let buckets_before = publish_buckets(&scrape(http_port)?);
     let load_start = Instant::now();
     let load_for = Duration::from_secs(args.load_seconds);
-    let mut latencies = Vec::new();
     let mut sent = 0u64;
     while load_start.elapsed() < load_for {
         let due = Duration::from_secs_f64(sent as f64 / rate);
         if load_start.elapsed() < due {
-            for _ in 0..64 {
-                match changes.poll(Duration::from_millis(0)) {
-                    Some(Ok(message)) => record_latency(&message, &sent_at, &mut latencies),
-                    _ => break,
-                }
-            }
             std::thread::sleep(Duration::from_micros(200));
             continue;
         }
@@ -331,12 +421,16 @@ fn main() -> anyhow::Result<()> {
         send(&producer, INPUT, &key_of(&line), &line, now);
         sent += 1;
     }
-    let drain_until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < drain_until {
-        if let Some(Ok(message)) = changes.poll(Duration::from_millis(100)) {
-            record_latency(&message, &sent_at, &mut latencies);
-        }
-    }
+    std::thread::sleep(Duration::from_secs(5));
+    let buckets_after = publish_buckets(&scrape(http_port)?);
+    reading.store(false, std::sync::atomic::Ordering::Relaxed);
+    let seen = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the change reader panicked"))?;
+    let mut latencies: Vec<i64> = seen
+        .iter()
+        .filter_map(|(id, at)| sent_at.get(id).map(|sent| at - sent))
+        .collect();
     stop(child);
     latencies.sort_unstable();
     println!(
@@ -349,28 +443,25 @@ fn main() -> anyhow::Result<()> {
         percentile(&latencies, 0.999),
         latencies.last().copied().unwrap_or(0)
     );
+    let quantile = |q| {
+        histogram_quantile(&buckets_before, &buckets_after, q)
+            .map_or("n/a".to_string(), |ms| format!("{ms:.0} ms"))
+    };
+    println!(
+        "service's own event→publish histogram over the load (Kafka timestamp of the event to Kafka acknowledging the change): p50 {}, p99 {}, p99.9 {}",
+        quantile(0.5),
+        quantile(0.99),
+        quantile(0.999)
+    );
     drop(broker);
     Ok(())
 }
 
-/// Event→publish latency: when the change became readable on the change topic (seen by this
-/// consumer, polling continuously) minus when its source event was produced.
-fn record_latency(
-    message: &rdkafka::message::BorrowedMessage<'_>,
-    sent_at: &HashMap<String, i64>,
-    out: &mut Vec<i64>,
-) {
-    let published = wall_clock_ms();
-    let Some(change) = message
-        .payload()
-        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-    else {
-        return;
-    };
-    let Some(id) = change.get("message_id").and_then(|m| m.as_str()) else {
-        return;
-    };
-    if let Some(sent) = sent_at.get(id) {
-        out.push(published - sent);
-    }
+/// The `message_id` of the event that caused a change (timer changes have none).
+fn message_id_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<String> {
+    let change: serde_json::Value = serde_json::from_slice(message.payload()?).ok()?;
+    change
+        .get("message_id")
+        .and_then(|m| m.as_str())
+        .map(str::to_string)
 }

@@ -61,6 +61,7 @@ impl RocksStore {
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
         db_options.set_keep_log_file_num(3);
+        db_options.set_enable_pipelined_write(true);
         let db = DB::open_cf_descriptors(&db_options, path, families).map_err(io)?;
         Ok(RocksStore {
             db,
