@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +37,22 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult = Result<Json<Value>, ApiError>;
+
+/// A path the router matched but could not decode (e.g. invalid percent-encoding): 400, JSON.
+fn path(extracted: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    extracted
+        .map(|Path(value)| value)
+        .map_err(|rejection| ApiError::BadRequest(format!("bad path: {rejection}")))
+}
+
+/// A query string that does not parse: 400, JSON.
+fn query(
+    extracted: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<HashMap<String, String>, ApiError> {
+    extracted
+        .map(|Query(params)| params)
+        .map_err(|rejection| ApiError::BadRequest(format!("bad query string: {rejection}")))
+}
 
 /// The router over a service.
 pub fn router(api: Arc<ServiceApi>) -> Router {
@@ -131,9 +148,10 @@ fn only_known(params: &HashMap<String, String>, known: &[&str]) -> Result<(), Ap
 
 async fn members(
     State(api): State<Arc<ServiceApi>>,
-    Path(segment): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    segment: Result<Path<String>, PathRejection>,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult {
+    let (segment, params) = (path(segment)?, query(params)?);
     only_known(&params, &["after", "limit"])?;
     let limit = number(&params, "limit", DEFAULT_PAGE)?;
     let after = params.get("after").cloned();
@@ -145,10 +163,11 @@ async fn members(
 /// The body is a rule: either JSON `{"rule": "...", "sample": 10}` or the rule as plain text.
 async fn preview(
     State(api): State<Arc<ServiceApi>>,
-    Query(params): Query<HashMap<String, String>>,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
+    let params = query(params)?;
     only_known(&params, &["sample"])?;
     if body.len() > MAX_BODY {
         return Err(ApiError::BadRequest(format!(
@@ -187,11 +206,19 @@ async fn preview(
     blocking(move || api.preview(&rule, sample)).await.map(Json)
 }
 
-async fn customer(State(api): State<Arc<ServiceApi>>, Path(id): Path<String>) -> ApiResult {
+async fn customer(
+    State(api): State<Arc<ServiceApi>>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let id = path(id)?;
     blocking(move || api.customer(&id)).await.map(Json)
 }
 
-async fn erase(State(api): State<Arc<ServiceApi>>, Path(id): Path<String>) -> ApiResult {
+async fn erase(
+    State(api): State<Arc<ServiceApi>>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let id = path(id)?;
     let customer = id.clone();
     let exits = blocking(move || api.erase(&id)).await?;
     let exited: Vec<&str> = exits.iter().map(|c| c.segment.as_str()).collect();
@@ -204,9 +231,10 @@ async fn erase(State(api): State<Arc<ServiceApi>>, Path(id): Path<String>) -> Ap
 
 async fn explain(
     State(api): State<Arc<ServiceApi>>,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    id: Result<Path<String>, PathRejection>,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult {
+    let (id, params) = (path(id)?, query(params)?);
     only_known(&params, &["segment"])?;
     let segment = params
         .get("segment")

@@ -677,8 +677,13 @@ fn metrics_and_every_route_after_known_traffic_including_erasure_and_restart() {
     assert_eq!(listed.len(), 9);
     assert!(!listed.contains(&"b-0"));
 
-    // Routes and methods that do not exist.
+    // Routes and methods that do not exist; undecodable paths and query strings.
     error_of(http(&address, "GET", "/nope", None), 404);
+    error_of(http(&address, "GET", "/customers/%FF%FE", None), 400);
+    error_of(
+        http(&address, "GET", "/segments/buyer/members?limit=%FF", None),
+        400,
+    );
     error_of(http(&address, "PUT", "/segments", None), 405);
 
     // Member gauges are exact after a restart, before any new traffic.
