@@ -365,72 +365,9 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     while changes.poll(Duration::from_millis(200)).is_some() {}
-    let mut sent_at: HashMap<String, i64> = HashMap::new();
-    let mut generator = Generator::new(GeneratorConfig {
-        customers: args.customers,
-        events: u64::MAX / 2,
-        seed: 7,
-        start_ms: wall_clock_ms(),
-        events_per_second: rate,
-        late_fraction: 0.0,
-        duplicate_fraction: 0.0,
-        malformed_fraction: 0.0,
-    });
-    // The change topic is read on its own thread, polling continuously, so a busy producer
-    // loop never delays the moment a change is seen.
-    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let reader = {
-        let reading = reading.clone();
-        std::thread::spawn(move || {
-            let mut seen: Vec<(String, i64)> = Vec::new();
-            while reading.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some(Ok(message)) = changes.poll(Duration::from_millis(20)) {
-                    if let Some(id) = message_id_of(&message) {
-                        seen.push((id, wall_clock_ms()));
-                    }
-                }
-            }
-            seen
-        })
-    };
     let buckets_before = publish_buckets(&scrape(http_port)?);
-    let load_start = Instant::now();
-    let load_for = Duration::from_secs(args.load_seconds);
-    let mut sent = 0u64;
-    while load_start.elapsed() < load_for {
-        let due = Duration::from_secs_f64(sent as f64 / rate);
-        if load_start.elapsed() < due {
-            std::thread::sleep(Duration::from_micros(200));
-            continue;
-        }
-        let Some(generated) = generator.next_line() else {
-            break;
-        };
-        let now = wall_clock_ms();
-        let line = generated.line;
-        if let Some(id) = serde_json::from_str::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| {
-                v.get("messageId")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
-        {
-            sent_at.insert(id, now);
-        }
-        send(&producer, INPUT, &key_of(&line), &line, now);
-        sent += 1;
-    }
-    std::thread::sleep(Duration::from_secs(5));
+    let (sent, mut latencies) = open_loop(&producer, INPUT, changes, "message_id", rate, &args, 7)?;
     let buckets_after = publish_buckets(&scrape(http_port)?);
-    reading.store(false, std::sync::atomic::Ordering::Relaxed);
-    let seen = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the change reader panicked"))?;
-    let mut latencies: Vec<i64> = seen
-        .iter()
-        .filter_map(|(id, at)| sent_at.get(id).map(|sent| at - sent))
-        .collect();
     stop(child);
     latencies.sort_unstable();
     println!(
@@ -453,15 +390,119 @@ fn main() -> anyhow::Result<()> {
         quantile(0.99),
         quantile(0.999)
     );
+
+    // 5. the broker alone at the same rate: produce → readable by a consumer, no service. The
+    // floor under the numbers above on this machine and broker.
+    let baseline_topic = "bench-roundtrip";
+    runtime.block_on(admin.create_topics(
+        &[NewTopic::new(
+            baseline_topic,
+            PARTITIONS,
+            TopicReplication::Fixed(1),
+        )],
+        &AdminOptions::new(),
+    ))?;
+    let reader = assigned_consumer(&brokers, baseline_topic, "bench-roundtrip")?;
+    let (sent, mut round_trips) = open_loop(
+        &producer,
+        baseline_topic,
+        reader,
+        "messageId",
+        rate,
+        &args,
+        11,
+    )?;
+    round_trips.sort_unstable();
+    println!(
+        "broker alone at {:.0} events/s ({} sent, produce → readable, no service): p50 {} ms, p99 {} ms, p99.9 {} ms",
+        rate,
+        sent,
+        percentile(&round_trips, 0.5),
+        percentile(&round_trips, 0.99),
+        percentile(&round_trips, 0.999)
+    );
     drop(broker);
     Ok(())
 }
 
-/// The `message_id` of the event that caused a change (timer changes have none).
-fn message_id_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<String> {
-    let change: serde_json::Value = serde_json::from_slice(message.payload()?).ok()?;
-    change
-        .get("message_id")
-        .and_then(|m| m.as_str())
-        .map(str::to_string)
+/// Produces generated events to `topic` at `rate` for `--load-seconds` (open loop: on schedule,
+/// whatever happens downstream) while `reader` is polled continuously on its own thread; each
+/// record it reads whose JSON field `id_field` names a produced event's `messageId` yields one
+/// latency sample (read time − produce time, ms). Returns (events sent, samples).
+fn open_loop(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    reader: BaseConsumer,
+    id_field: &'static str,
+    rate: f64,
+    args: &Args,
+    seed: u64,
+) -> anyhow::Result<(u64, Vec<i64>)> {
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let thread = {
+        let reading = reading.clone();
+        std::thread::spawn(move || {
+            let mut seen: Vec<(String, i64)> = Vec::new();
+            while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(Ok(message)) = reader.poll(Duration::from_millis(20)) {
+                    let id = message
+                        .payload()
+                        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                        .and_then(|v| v.get(id_field).and_then(|m| m.as_str()).map(str::to_string));
+                    if let Some(id) = id {
+                        seen.push((id, wall_clock_ms()));
+                    }
+                }
+            }
+            seen
+        })
+    };
+    let mut generator = Generator::new(GeneratorConfig {
+        customers: args.customers,
+        events: u64::MAX / 2,
+        seed,
+        start_ms: wall_clock_ms(),
+        events_per_second: rate,
+        late_fraction: 0.0,
+        duplicate_fraction: 0.0,
+        malformed_fraction: 0.0,
+    });
+    let mut sent_at: HashMap<String, i64> = HashMap::new();
+    let start = Instant::now();
+    let duration = Duration::from_secs(args.load_seconds);
+    let mut sent = 0u64;
+    while start.elapsed() < duration {
+        let due = Duration::from_secs_f64(sent as f64 / rate);
+        if start.elapsed() < due {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let Some(generated) = generator.next_line() else {
+            break;
+        };
+        let now = wall_clock_ms();
+        let line = generated.line;
+        if let Some(id) = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| {
+                v.get("messageId")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string)
+            })
+        {
+            sent_at.insert(id, now);
+        }
+        send(producer, topic, &key_of(&line), &line, now);
+        sent += 1;
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    reading.store(false, std::sync::atomic::Ordering::Relaxed);
+    let seen = thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader thread panicked"))?;
+    let samples = seen
+        .iter()
+        .filter_map(|(id, at)| sent_at.get(id).map(|sent| at - sent))
+        .collect();
+    Ok((sent, samples))
 }
