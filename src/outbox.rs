@@ -7,6 +7,16 @@
 use crate::model::time::format_rfc3339;
 use crate::model::{Change, ChangeKind};
 
+/// The membership topic's value while a member.
+#[derive(serde::Serialize)]
+struct MembershipValue<'a> {
+    customer_id: &'a str,
+    segment: &'a str,
+    since: String,
+    seq: u64,
+    segment_version: &'a str,
+}
+
 /// One message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRecord {
@@ -31,7 +41,7 @@ impl OutboxRecord {
         OutboxRecord {
             topic: topics.changes.clone(),
             key: Some(change.customer_id.as_bytes().to_vec()),
-            payload: Some(change.to_json().into_bytes()),
+            payload: Some(change.to_json_bytes()),
             headers: Vec::new(),
         }
     }
@@ -42,17 +52,18 @@ impl OutboxRecord {
         let key = format!("{}/{}", change.customer_id, change.segment).into_bytes();
         let payload = match change.kind {
             ChangeKind::Exited => None,
-            ChangeKind::Entered => Some(
-                serde_json::json!({
-                    "customer_id": change.customer_id,
-                    "segment": change.segment,
-                    "since": format_rfc3339(change.at),
-                    "seq": change.seq,
-                    "segment_version": change.segment_version,
-                })
-                .to_string()
-                .into_bytes(),
-            ),
+            ChangeKind::Entered => {
+                let value = MembershipValue {
+                    customer_id: &change.customer_id,
+                    segment: &change.segment,
+                    since: format_rfc3339(change.at),
+                    seq: change.seq,
+                    segment_version: &change.segment_version,
+                };
+                let mut out = Vec::with_capacity(192);
+                let _ = serde_json::to_writer(&mut out, &value);
+                Some(out)
+            }
         };
         OutboxRecord {
             topic: topics.membership.clone(),

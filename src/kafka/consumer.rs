@@ -24,7 +24,8 @@ use crate::settings::KafkaSettings;
 /// An input message, copied out of librdkafka's buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputMessage {
-    pub topic: String,
+    /// Shared with every message of the topic-partition (no allocation per message).
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     /// Kafka timestamp (create or log-append time), ms.
@@ -34,9 +35,9 @@ pub struct InputMessage {
 }
 
 impl InputMessage {
-    fn copied<M: Message>(message: &M) -> InputMessage {
+    fn copied<M: Message>(message: &M, topic: Arc<str>) -> InputMessage {
         InputMessage {
-            topic: message.topic().to_string(),
+            topic,
             partition: message.partition(),
             offset: message.offset(),
             timestamp: message.timestamp().to_millis(),
@@ -48,7 +49,7 @@ impl InputMessage {
 
 /// One assigned topic-partition's own message queue, read by the partition's worker.
 pub struct PartitionInput {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: i32,
     queue: PartitionQueue<SinkContext>,
     consumer: Arc<GroupConsumer>,
@@ -64,7 +65,7 @@ impl PartitionInput {
             match self.queue.poll(Duration::ZERO) {
                 Some(Ok(message)) => {
                     self.next_offset = Some(message.offset() + 1);
-                    out.push(InputMessage::copied(&message));
+                    out.push(InputMessage::copied(&message, self.topic.clone()));
                     taken += 1;
                 }
                 Some(Err(error)) => {
@@ -207,7 +208,7 @@ impl ConsumerContext for SinkContext {
                         .and_then(|c| c.split_partition_queue(topic, partition));
                     if let (Some(queue), Some(owner)) = (queue, owner.as_ref()) {
                         inputs.push(PartitionInput {
-                            topic: topic.to_string(),
+                            topic: topic.into(),
                             partition,
                             queue,
                             consumer: owner.clone(),
@@ -291,7 +292,10 @@ pub fn poll_loop(
         }
         match consumer.poll(HANDOVER) {
             // Only if a partition's queue could not be split: the worker gets it via the sink.
-            Some(Ok(message)) => sink.push(InputMessage::copied(&message)),
+            Some(Ok(message)) => {
+                let topic = message.topic().into();
+                sink.push(InputMessage::copied(&message, topic))
+            }
             Some(Err(error)) => tracing::warn!(%error, "consumer error"),
             None => {
                 sink.idle();

@@ -93,6 +93,11 @@ impl Change {
 
     /// The SPEC §5 JSON payload.
     pub fn to_json(&self) -> String {
+        String::from_utf8(self.to_json_bytes()).unwrap_or_default()
+    }
+
+    /// The change-topic payload as bytes (what the outbox stores).
+    pub fn to_json_bytes(&self) -> Vec<u8> {
         let message_id = match &self.cause {
             Cause::Event { message_id } => message_id.as_deref(),
             _ => None,
@@ -108,7 +113,10 @@ impl Change {
             message_id,
             segment_version: &self.segment_version,
         };
-        serde_json::to_string(&wire).unwrap_or_default()
+        // Sized for a typical change (~250 bytes) so serialising does not reallocate.
+        let mut out = Vec::with_capacity(320);
+        let _ = serde_json::to_writer(&mut out, &wire);
+        out
     }
 }
 

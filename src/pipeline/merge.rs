@@ -42,11 +42,12 @@ impl Merger {
             let idx = match self
                 .queues
                 .iter()
-                .position(|(topic, _)| *topic == message.topic)
+                .position(|(topic, _)| topic.as_str() == &*message.topic)
             {
                 Some(idx) => idx,
                 None => {
-                    self.queues.push((message.topic.clone(), VecDeque::new()));
+                    self.queues
+                        .push((message.topic.to_string(), VecDeque::new()));
                     self.queues.len() - 1
                 }
             };
@@ -131,7 +132,10 @@ mod tests {
     }
 
     fn order(messages: Vec<InputMessage>) -> Vec<(String, i64)> {
-        messages.into_iter().map(|m| (m.topic, m.offset)).collect()
+        messages
+            .into_iter()
+            .map(|m| (m.topic.to_string(), m.offset))
+            .collect()
     }
 
     /// A wall clock right after the test messages' timestamps: live traffic.

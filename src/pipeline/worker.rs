@@ -328,7 +328,7 @@ impl Worker {
             .ready_with(Instant::now(), wall, flush, |topic| {
                 inputs
                     .iter()
-                    .any(|input| input.topic == topic && input.caught_up())
+                    .any(|input| &*input.topic == topic && input.caught_up())
             });
         if ready.is_empty() {
             return Ok(());
@@ -340,8 +340,14 @@ impl Worker {
         let mut records: Vec<Decided> = Vec::new();
         self.fire_wall_timers(&mut records)?;
         for message in ready {
-            self.offsets
-                .insert(message.topic.clone(), message.offset + 1);
+            // Per message: update in place rather than allocate a key.
+            match self.offsets.get_mut(&*message.topic) {
+                Some(offset) => *offset = message.offset + 1,
+                None => {
+                    self.offsets
+                        .insert(message.topic.to_string(), message.offset + 1);
+                }
+            }
             let source = SourceRef {
                 topic: &message.topic,
                 partition: message.partition,

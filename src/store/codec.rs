@@ -62,7 +62,8 @@ pub struct DecodeStateError(pub String);
 
 /// Encodes `state` (shaped for `layout`).
 pub fn encode(state: &CustomerState, layout: &StateLayout) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128);
+    // Most states encode to 200–600 bytes (BENCHMARKS.md): start there rather than grow.
+    let mut out = Vec::with_capacity(512);
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&layout.id.to_be_bytes());
     put_opt_time(&mut out, state.timer);
