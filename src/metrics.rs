@@ -57,6 +57,7 @@ pub struct Metrics {
     pub segment_members: IntGaugeVec,
     pub segment_changes: IntCounterVec,
     pub timers_pending: IntGaugeVec,
+    pub timers_overdue: IntGaugeVec,
     pub timers_fired: IntCounter,
     pub timer_lateness_seconds: Histogram,
     pub outbox_pending: IntGaugeVec,
@@ -138,6 +139,12 @@ impl Metrics {
             timers_pending: gauge_vec(
                 "segmenter_timers_pending",
                 "Durable timers scheduled, per owned partition.",
+                &["partition"],
+            ),
+            timers_overdue: gauge_vec(
+                "segmenter_timers_overdue",
+                "Timers already due but not yet fired (a backlog being worked off in slices), \
+                 per owned partition; counted up to 100000.",
                 &["partition"],
             ),
             timers_fired: counter(
@@ -230,6 +237,7 @@ impl Metrics {
             Box::new(self.segment_members.clone()),
             Box::new(self.segment_changes.clone()),
             Box::new(self.timers_pending.clone()),
+            Box::new(self.timers_overdue.clone()),
             Box::new(self.timers_fired.clone()),
             Box::new(self.timer_lateness_seconds.clone()),
             Box::new(self.outbox_pending.clone()),

@@ -207,11 +207,12 @@ impl<S: Store> PartitionEngine<S> {
         Ok(reached < now)
     }
 
-    /// Timers due at or before `now`.
-    pub fn due_timers(&self, now: Millis) -> usize {
+    /// Timers due at or before `now`, counted up to `cap` (a burst can be millions).
+    pub fn due_timers(&self, now: Millis, cap: usize) -> usize {
         self.timers
             .iter()
             .take_while(|(due, _)| *due <= now)
+            .take(cap)
             .count()
     }
 

@@ -187,6 +187,7 @@ impl Worker {
                 .sub(*count);
         }
         let _ = self.metrics.timers_pending.remove_label_values(&[&label]);
+        let _ = self.metrics.timers_overdue.remove_label_values(&[&label]);
         let _ = self.metrics.outbox_pending.remove_label_values(&[&label]);
     }
 
@@ -478,6 +479,11 @@ impl Worker {
         let now = self.wall_clock();
         self.engine
             .advance_bounded(now, self.shared.pipeline.timer_slice, &mut self.changes)?;
+        let overdue = self.engine.due_timers(now, 100_000);
+        self.metrics
+            .timers_overdue
+            .with_label_values(&[&self.partition.to_string()])
+            .set(overdue as i64);
         for due in self.engine.take_fired() {
             self.metrics.timers_fired.inc();
             self.metrics
