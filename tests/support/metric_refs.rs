@@ -86,6 +86,7 @@ impl Catalogue {
         add(&m.segment_members, kind(&m.segment_members));
         add(&m.segment_changes, kind(&m.segment_changes));
         add(&m.timers_pending, kind(&m.timers_pending));
+        add(&m.timers_overdue, kind(&m.timers_overdue));
         add(&m.timers_fired, kind(&m.timers_fired));
         add(&m.timer_lateness_seconds, kind(&m.timer_lateness_seconds));
         add(&m.outbox_pending, kind(&m.outbox_pending));
