@@ -133,6 +133,9 @@ pub trait InputSink: Send + Sync {
     /// Offsets whose effects are durable *and* published: safe to commit to Kafka (for lag
     /// monitoring; segmenter itself resumes from its stored offsets).
     fn publishable_offsets(&self) -> Vec<(String, i32, i64)>;
+    /// Drops what is known about partitions handed over to another instance (their offsets
+    /// must no longer be committed from here).
+    fn forget(&self, partitions: &[i32]);
     /// A fatal condition (e.g. a worker failed): the loop stops.
     fn failure(&self) -> Option<String>;
 }
@@ -231,6 +234,16 @@ impl ConsumerContext for SinkContext {
                         .remove_label_values(&[element.topic(), &element.partition().to_string()]);
                 }
                 self.sink.revoked(&partitions);
+                // Hand over exactly where this instance stopped: the next owner (without a
+                // stored offset of its own) starts from the committed offset.
+                let handed_over: Vec<(String, i32, i64)> = self
+                    .sink
+                    .publishable_offsets()
+                    .into_iter()
+                    .filter(|(_, partition, _)| partitions.contains(partition))
+                    .collect();
+                commit(consumer, &handed_over, CommitMode::Sync);
+                self.sink.forget(&partitions);
                 if let Err(error) = consumer.unassign() {
                     tracing::error!(%error, "unassign failed");
                 }

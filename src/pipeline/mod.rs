@@ -389,6 +389,12 @@ impl InputSink for Dispatcher {
         }
     }
 
+    fn forget(&self, partitions: &[i32]) {
+        if let Ok(mut map) = self.shared.publishable.lock() {
+            map.retain(|(_, partition), _| !partitions.contains(partition));
+        }
+    }
+
     fn failure(&self) -> Option<String> {
         self.failure_reason()
     }
