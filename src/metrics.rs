@@ -115,8 +115,9 @@ impl Metrics {
             ),
             event_to_publish_seconds: histogram_vec(
                 "segmenter_event_to_publish_seconds",
-                "From the triggering event's Kafka timestamp (cause=event) or the timer's due \
-                 time (cause=timer) to Kafka acknowledging the change event.",
+                "From the triggering event's Kafka timestamp (cause=event), the timer's due \
+                 time (cause=timer) or the erasure request (cause=deleted) to Kafka \
+                 acknowledging the change event.",
                 &["cause"],
                 LATENCY_BUCKETS,
             ),

@@ -686,7 +686,8 @@ fn metrics_and_every_route_after_known_traffic_including_erasure_and_restart() {
     );
     error_of(http(&address, "PUT", "/segments", None), 405);
 
-    // Member gauges are exact after a restart, before any new traffic.
+    // Member gauges are exact after a restart, before any new traffic — also when the
+    // definitions changed (a segment added), which rebuilds the members index from the states.
     service.sigterm();
     assert!(
         service
@@ -702,5 +703,41 @@ fn metrics_and_every_route_after_known_traffic_including_erasure_and_restart() {
     assert_eq!(value(&text, "segmenter_assigned_partitions", &[]), 2.0);
     let segments = get_json(&address, "/segments", 200);
     assert_eq!(segments["segments"][1]["members"], json!(9), "{segments}");
+    service.sigterm();
+    assert!(
+        service
+            .wait_exit(Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "clean exit"
+    );
+    config.segments = format!(
+        "{SEGMENTS}\n[[segment]]\nid = \"reader\"\nrule = 'count(\"Email Opened\") >= 1'\n"
+    );
+    let changed = config.write(&dir.path().join("segmenter-changed.toml"));
+    let mut service = Service::start(&changed, &log);
+    let address = service.http_address();
+    wait_ready(&address);
+    assert!(
+        service.log_text().contains("members index rebuilt"),
+        "new definitions rebuild the index"
+    );
+    let text = scrape(&address);
+    assert_eq!(
+        members_gauges(&text),
+        after_erasure,
+        "after a definitions change"
+    );
+    assert_eq!(
+        value(&text, "segmenter_segment_members", &[("segment", "reader")]),
+        0.0
+    );
+    let page = get_json(&address, "/segments/buyer/members?limit=100", 200);
+    let rebuilt: Vec<&str> = page["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m.s("customer_id"))
+        .collect();
+    assert_eq!(rebuilt, listed, "the rebuilt index pages the same members");
     service.assert_running();
 }

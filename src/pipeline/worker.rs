@@ -16,7 +16,7 @@ use crate::engine::{ClockMode, EngineError, Outcome, PartitionEngine};
 use crate::kafka::consumer::{InputMessage, PartitionInput};
 use crate::kafka::{self, AckBoard, Producer};
 use crate::metrics::{self, Metrics};
-use crate::model::{Change, ChangeKind, Millis};
+use crate::model::{Cause, Change, ChangeKind, Millis};
 use crate::outbox::{OutboxRecord, SourceRef};
 use crate::store::{keys, RocksStore, Store, StoreError, Table, WriteSet};
 
@@ -292,7 +292,7 @@ impl Worker {
         }
         let exits = self.changes.clone();
         let mut records = Vec::new();
-        self.drain_changes(&mut records, Some((wall, "deleted")));
+        self.drain_changes(&mut records, Some(wall));
         self.commit(records)?;
         tracing::info!(
             partition = self.partition,
@@ -383,7 +383,7 @@ impl Worker {
             };
             self.metrics.consumed(&message.topic, outcome);
             let origin = message.timestamp.unwrap_or(event.timestamp);
-            self.drain_changes(&mut records, Some((origin, "event")));
+            self.drain_changes(&mut records, Some(origin));
         }
         let applied = started.elapsed();
         let produced = records.len();
@@ -417,12 +417,10 @@ impl Worker {
     }
 
     /// Turns the engine's changes into outbox records, members-index updates and metrics.
-    /// `origin` is the cause's time and label; `None` means timers (each change's own `at`).
-    fn drain_changes(
-        &mut self,
-        records: &mut Vec<Decided>,
-        origin: Option<(Millis, &'static str)>,
-    ) {
+    /// `origin` is when the triggering input happened (the event's Kafka timestamp, the erasure
+    /// request); changes caused by time passing — also those fired just before an event, when
+    /// the customer's own timer was due — are measured from their due time (`at`).
+    fn drain_changes(&mut self, records: &mut Vec<Decided>, origin: Option<Millis>) {
         let p = self.partition as u32;
         for change in self.changes.drain(..) {
             let idx = self.shared.program.segment_index(&change.segment);
@@ -453,7 +451,12 @@ impl Worker {
                 .segment_changes
                 .with_label_values(&[segment, change.kind.as_str()])
                 .inc();
-            let origin = origin.unwrap_or((change.at, "timer"));
+            let origin = match change.cause {
+                Cause::Timer | Cause::Definition => (change.at, change.cause.as_str()),
+                Cause::Event { .. } | Cause::Deleted => {
+                    (origin.unwrap_or(change.at), change.cause.as_str())
+                }
+            };
             records.push((
                 OutboxRecord::change(&self.shared.topics, &change),
                 Pending {
@@ -645,6 +648,9 @@ impl Worker {
     }
 }
 
+/// Members-index entries written per batch while rebuilding it.
+const REBUILD_CHUNK: usize = 50_000;
+
 /// Opens the partition's members index: rebuilt from the stored states when it was built for
 /// other definitions (or never), then counted per segment.
 fn open_members_index(
@@ -656,12 +662,17 @@ fn open_members_index(
     let version_key = keys::members_version(partition);
     let built_for = store.get(Table::Meta, &version_key)?;
     if built_for.as_deref() != Some(program.version.as_bytes()) {
+        // Written in chunks (a partition can hold millions of memberships); the version key
+        // comes last, so an interrupted rebuild simply starts over at the next open.
         let started = Instant::now();
         let prefix = keys::partition_prefix(partition);
         let mut writes = WriteSet::default();
-        for (key, _) in store.scan_prefix(Table::Members, &prefix)? {
-            writes.delete(Table::Members, key);
-        }
+        writes.delete_range(
+            Table::Members,
+            prefix.clone(),
+            keys::partition_prefix(partition + 1),
+        );
+        let mut write_failure = None;
         let layout = crate::store::codec::StateLayout::of(program);
         let mut old_layouts = HashMap::new();
         let mut customers = 0;
@@ -694,9 +705,18 @@ fn open_members_index(
                     );
                 }
             }
+            if writes.ops.len() >= REBUILD_CHUNK {
+                if let Err(error) = store.write(std::mem::take(&mut writes)) {
+                    write_failure = Some(error);
+                    return false;
+                }
+            }
             true
         })?;
         if let Some(error) = failure {
+            return Err(error.into());
+        }
+        if let Some(error) = write_failure {
             return Err(error.into());
         }
         writes.put(
