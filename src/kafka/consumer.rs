@@ -242,7 +242,15 @@ impl ConsumerContext for SinkContext {
                     .into_iter()
                     .filter(|(_, partition, _)| partitions.contains(partition))
                     .collect();
-                commit(consumer, &handed_over, CommitMode::Sync);
+                // A lost assignment (session timed out, e.g. Kafka unreachable) may already
+                // belong to another member, and a synchronous commit would block this thread on
+                // a coordinator that is not there: the next owner then resumes from the last
+                // periodic commit (duplicates possible, nothing skipped).
+                if consumer.assignment_lost() {
+                    tracing::warn!(?partitions, "assignment lost; offsets not handed over");
+                } else {
+                    commit(consumer, &handed_over, CommitMode::Sync);
+                }
                 self.sink.forget(&partitions);
                 if let Err(error) = consumer.unassign() {
                     tracing::error!(%error, "unassign failed");
