@@ -185,13 +185,7 @@ fn broker_restart_mid_stream_loses_nothing() {
                 if let Some(wait) = Duration::from_millis(i as u64).checked_sub(begun.elapsed()) {
                     thread::sleep(wait);
                 }
-                producer.send(
-                    &line.topic,
-                    line.partition,
-                    line.key.as_deref(),
-                    &line.payload,
-                    line.timestamp_ms,
-                );
+                producer.send_line(line);
             }
             producer.flush();
             producing.store(false, Ordering::SeqCst);

@@ -138,13 +138,7 @@ fn kill_9_repeatedly_loses_nothing_and_duplicates_are_identical() {
                 if let Some(wait) = due.checked_sub(begun.elapsed()) {
                     thread::sleep(wait);
                 }
-                producer.send(
-                    &line.topic,
-                    line.partition,
-                    line.key.as_deref(),
-                    &line.payload,
-                    line.timestamp_ms,
-                );
+                producer.send_line(line);
                 produced.store(i + 1, Ordering::Relaxed);
             }
             producer.flush();

@@ -638,13 +638,7 @@ fn sigterm_under_load_exits_in_time_and_loses_nothing() {
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     thread::sleep(wait);
                 }
-                producer.send(
-                    &line.topic,
-                    line.partition,
-                    line.key.as_deref(),
-                    &line.payload,
-                    line.timestamp_ms,
-                );
+                producer.send_line(line);
             }
             producer.flush();
             producing.store(false, Ordering::SeqCst);

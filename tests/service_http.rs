@@ -70,6 +70,25 @@ fn members_gauges(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// Durable timers over both partitions.
+fn timers_pending(text: &str) -> f64 {
+    ["0", "1"]
+        .iter()
+        .map(|p| value(text, "segmenter_timers_pending", &[("partition", p)]))
+        .sum()
+}
+
+/// Every member of `buyer`, from one page of `/segments/buyer/members`.
+fn buyers_listed(address: &str) -> Vec<String> {
+    let page = get_json(address, "/segments/buyer/members?limit=100", 200);
+    page["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m.s("customer_id").to_string())
+        .collect()
+}
+
 fn error_of(status_and_body: (u16, String), expect: u16) -> String {
     let (status, body) = status_and_body;
     assert_eq!(status, expect, "{body}");
@@ -313,10 +332,7 @@ fn metrics_and_every_route_after_known_traffic_including_erasure_and_restart() {
         ),
         expected_changes as f64
     );
-    let timers: f64 = ["0", "1"]
-        .iter()
-        .map(|p| value(&text, "segmenter_timers_pending", &[("partition", p)]))
-        .sum();
+    let timers = timers_pending(&text);
     assert_eq!(timers, 10.0, "one window timer per recent buyer");
     assert_eq!(value(&text, "segmenter_assigned_partitions", &[]), 2.0);
     assert_eq!(value(&text, "segmenter_ready", &[]), 1.0);
@@ -662,20 +678,11 @@ fn metrics_and_every_route_after_known_traffic_including_erasure_and_restart() {
         ),
         1.0
     );
-    let timers: f64 = ["0", "1"]
-        .iter()
-        .map(|p| value(&text, "segmenter_timers_pending", &[("partition", p)]))
-        .sum();
+    let timers = timers_pending(&text);
     assert_eq!(timers, 9.0, "the erased customer's timer is gone");
-    let page = get_json(&address, "/segments/buyer/members?limit=100", 200);
-    let listed: Vec<&str> = page["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .map(|m| m.s("customer_id"))
-        .collect();
+    let listed = buyers_listed(&address);
     assert_eq!(listed.len(), 9);
-    assert!(!listed.contains(&"b-0"));
+    assert!(!listed.contains(&"b-0".to_string()));
 
     // Routes and methods that do not exist; undecodable paths and query strings.
     error_of(http(&address, "GET", "/nope", None), 404);
@@ -731,13 +738,7 @@ fn metrics_and_every_route_after_known_traffic_including_erasure_and_restart() {
         value(&text, "segmenter_segment_members", &[("segment", "reader")]),
         0.0
     );
-    let page = get_json(&address, "/segments/buyer/members?limit=100", 200);
-    let rebuilt: Vec<&str> = page["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .map(|m| m.s("customer_id"))
-        .collect();
+    let rebuilt = buyers_listed(&address);
     assert_eq!(rebuilt, listed, "the rebuilt index pages the same members");
     service.assert_running();
 }

@@ -12,20 +12,12 @@ use super::*;
 use crate::features::{fnv1a_64, Limits};
 use crate::model::{Event, EventKind};
 use crate::rules::ast::{AggFunc, BinOp, Condition, Expr, ExprKind, Literal, Matcher};
+use crate::rules::compile_rules;
 use crate::rules::parser::parse;
-use crate::rules::{compile, SegmentDef};
 use crate::store::MemoryStore;
 
 fn program(rules: &[(&str, &str)]) -> Arc<Program> {
-    let defs: Vec<SegmentDef> = rules
-        .iter()
-        .map(|(id, rule)| SegmentDef {
-            id: (*id).into(),
-            description: None,
-            rule: (*rule).into(),
-        })
-        .collect();
-    Arc::new(compile(&defs).unwrap_or_else(|errors| panic!("{rules:?}: {errors:?}")))
+    Arc::new(compile_rules(rules))
 }
 
 fn track(

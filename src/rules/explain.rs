@@ -164,19 +164,7 @@ pub fn format_duration(ms: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{compile, SegmentDef};
-
-    fn program(rules: &[(&str, &str)]) -> Program {
-        let defs: Vec<SegmentDef> = rules
-            .iter()
-            .map(|(id, rule)| SegmentDef {
-                id: (*id).into(),
-                description: None,
-                rule: (*rule).into(),
-            })
-            .collect();
-        compile(&defs).expect("compiles")
-    }
+    use crate::rules::compile_rules as program;
 
     #[test]
     fn durations_read_like_people_write_them() {

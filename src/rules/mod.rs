@@ -16,3 +16,17 @@ pub use error::{RuleError, Span};
 pub use eval::{evaluate, evaluate_dirty, next_change, Evaluation};
 pub use explain::{explain, ExplainNode, Explanation};
 pub use program::Program;
+
+/// Compiles `(id, rule)` pairs, panicking with the errors: the unit tests' shorthand.
+#[cfg(test)]
+pub(crate) fn compile_rules(rules: &[(&str, &str)]) -> Program {
+    let defs: Vec<SegmentDef> = rules
+        .iter()
+        .map(|(id, rule)| SegmentDef {
+            id: (*id).into(),
+            description: None,
+            rule: (*rule).into(),
+        })
+        .collect();
+    compile(&defs).unwrap_or_else(|errors| panic!("{rules:?}: {errors:?}"))
+}

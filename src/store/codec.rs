@@ -389,19 +389,11 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{compile, SegmentDef};
+    use crate::rules::compile_rules;
     use proptest::prelude::*;
 
     fn layout(rules: &[(&str, &str)]) -> (Program, StateLayout) {
-        let defs: Vec<SegmentDef> = rules
-            .iter()
-            .map(|(id, rule)| SegmentDef {
-                id: (*id).into(),
-                description: None,
-                rule: (*rule).into(),
-            })
-            .collect();
-        let program = compile(&defs).expect("compiles");
+        let program = compile_rules(rules);
         let layout = StateLayout::of(&program);
         (program, layout)
     }

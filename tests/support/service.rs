@@ -446,6 +446,17 @@ impl InputProducer {
         }
     }
 
+    /// Enqueues one generated input line, with its topic, partition, key and timestamp.
+    pub fn send_line(&mut self, line: &InputLine) {
+        self.send(
+            &line.topic,
+            line.partition,
+            line.key.as_deref(),
+            &line.payload,
+            line.timestamp_ms,
+        );
+    }
+
     /// Waits until everything sent is acknowledged; panics on any delivery failure.
     pub fn flush(&self) {
         self.producer
@@ -822,13 +833,7 @@ pub fn generated_input(
 pub fn produce_all(brokers: &str, lines: &[InputLine]) {
     let mut producer = InputProducer::new(brokers);
     for line in lines {
-        producer.send(
-            &line.topic,
-            line.partition,
-            line.key.as_deref(),
-            &line.payload,
-            line.timestamp_ms,
-        );
+        producer.send_line(line);
     }
     producer.flush();
 }
