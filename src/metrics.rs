@@ -45,6 +45,34 @@ impl Outcome {
     }
 }
 
+/// One input topic's consumed counters, by outcome: resolved once so counting an event is an
+/// atomic add, not a label lookup.
+#[derive(Clone)]
+pub struct TopicCounters {
+    pub topic: String,
+    ok: IntCounter,
+    dead_lettered: IntCounter,
+    duplicate: IntCounter,
+}
+
+impl TopicCounters {
+    pub fn count(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Ok => self.ok.inc(),
+            Outcome::DeadLettered => self.dead_lettered.inc(),
+            Outcome::Duplicate => self.duplicate.inc(),
+        }
+    }
+}
+
+/// One segment's series, resolved once (see [`TopicCounters`]).
+#[derive(Clone)]
+pub struct SegmentSeries {
+    pub members: IntGauge,
+    pub entered: IntCounter,
+    pub exited: IntCounter,
+}
+
 /// The service's metrics and the registry they are exported from.
 pub struct Metrics {
     registry: Registry,
@@ -279,6 +307,31 @@ impl Metrics {
         self.events_consumed
             .with_label_values(&[topic, outcome.label()])
             .inc();
+    }
+
+    /// An input topic's consumed counters, for counting on the hot path.
+    pub fn topic_counters(&self, topic: &str) -> TopicCounters {
+        let counter = |outcome: Outcome| {
+            self.events_consumed
+                .with_label_values(&[topic, outcome.label()])
+        };
+        TopicCounters {
+            topic: topic.to_string(),
+            ok: counter(Outcome::Ok),
+            dead_lettered: counter(Outcome::DeadLettered),
+            duplicate: counter(Outcome::Duplicate),
+        }
+    }
+
+    /// A segment's member gauge and change counters, for updating on the hot path.
+    pub fn segment_series(&self, segment: &str) -> SegmentSeries {
+        SegmentSeries {
+            members: self.segment_members.with_label_values(&[segment]),
+            entered: self
+                .segment_changes
+                .with_label_values(&[segment, "entered"]),
+            exited: self.segment_changes.with_label_values(&[segment, "exited"]),
+        }
     }
 }
 

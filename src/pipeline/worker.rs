@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::engine::{ClockMode, EngineError, Outcome, PartitionEngine};
 use crate::kafka::consumer::{InputMessage, PartitionInput};
 use crate::kafka::{self, AckBoard, Producer};
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, Metrics, SegmentSeries, TopicCounters};
 use crate::model::{Cause, Change, ChangeKind, Millis};
 use crate::outbox::{OutboxRecord, SourceRef};
 use crate::store::{keys, RocksStore, Store, StoreError, Table, WriteSet};
@@ -110,6 +110,9 @@ pub struct Worker {
     inputs: Vec<PartitionInput>,
     /// Members per segment (definition order) in this partition, mirrored in the gauge.
     members: Vec<i64>,
+    /// Metric series resolved once: per segment (definition order) and per input topic.
+    segment_series: Vec<SegmentSeries>,
+    topic_counters: Vec<TopicCounters>,
     /// Members-index updates decided since the last commit.
     index_writes: WriteSet,
 }
@@ -138,14 +141,23 @@ impl Worker {
             shared.pipeline.batch_size * MERGE_BATCHES,
         );
         let members = open_members_index(p, &shared, &store)?;
-        for (segment, count) in shared.program.segments.iter().zip(&members) {
-            shared
-                .metrics
-                .segment_members
-                .with_label_values(&[segment.id.as_str()])
-                .add(*count);
+        let segment_series: Vec<SegmentSeries> = shared
+            .program
+            .segments
+            .iter()
+            .map(|segment| shared.metrics.segment_series(&segment.id))
+            .collect();
+        for (series, count) in segment_series.iter().zip(&members) {
+            series.members.add(*count);
         }
+        let topic_counters = shared
+            .input_topics
+            .iter()
+            .map(|topic| shared.metrics.topic_counters(topic))
+            .collect();
         Ok(Worker {
+            segment_series,
+            topic_counters,
             partition,
             merger,
             members,
@@ -180,11 +192,8 @@ impl Worker {
     /// This partition's share of the gauges leaves with it.
     fn release_metrics(&self) {
         let label = self.partition.to_string();
-        for (segment, count) in self.shared.program.segments.iter().zip(&self.members) {
-            self.metrics
-                .segment_members
-                .with_label_values(&[segment.id.as_str()])
-                .sub(*count);
+        for (series, count) in self.segment_series.iter().zip(&self.members) {
+            series.members.sub(*count);
         }
         let _ = self.metrics.timers_pending.remove_label_values(&[&label]);
         let _ = self.metrics.timers_overdue.remove_label_values(&[&label]);
@@ -381,7 +390,7 @@ impl Worker {
                 Outcome::Applied => metrics::Outcome::Ok,
                 Outcome::Duplicate => metrics::Outcome::Duplicate,
             };
-            self.metrics.consumed(&message.topic, outcome);
+            self.count_consumed(&message.topic, outcome);
             let origin = message.timestamp.unwrap_or(event.timestamp);
             self.drain_changes(&mut records, Some(origin));
         }
@@ -404,9 +413,15 @@ impl Worker {
         Ok(())
     }
 
+    fn count_consumed(&self, topic: &str, outcome: metrics::Outcome) {
+        match self.topic_counters.iter().find(|c| c.topic == topic) {
+            Some(counters) => counters.count(outcome),
+            None => self.metrics.consumed(topic, outcome),
+        }
+    }
+
     fn dead_letter(&self, source: &SourceRef<'_>, reason: &'static str, detail: &str) -> Decided {
-        self.metrics
-            .consumed(source.topic, metrics::Outcome::DeadLettered);
+        self.count_consumed(source.topic, metrics::Outcome::DeadLettered);
         self.metrics.dead_letters.with_label_values(&[reason]).inc();
         let record = OutboxRecord::dead_letter(&self.shared.topics, source, reason, detail);
         let pending = Pending {
@@ -441,16 +456,13 @@ impl Worker {
             };
             if let Some(idx) = idx {
                 self.members[idx] += delta;
+                let series = &self.segment_series[idx];
+                series.members.add(delta);
+                match change.kind {
+                    ChangeKind::Entered => series.entered.inc(),
+                    ChangeKind::Exited => series.exited.inc(),
+                }
             }
-            let segment = change.segment.as_str();
-            self.metrics
-                .segment_members
-                .with_label_values(&[segment])
-                .add(delta);
-            self.metrics
-                .segment_changes
-                .with_label_values(&[segment, change.kind.as_str()])
-                .inc();
             let origin = match change.cause {
                 Cause::Timer | Cause::Definition => (change.at, change.cause.as_str()),
                 Cause::Event { .. } | Cause::Deleted => {
