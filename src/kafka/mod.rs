@@ -53,30 +53,43 @@ pub fn base_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// The base config, then the role's pass-through settings, then our defaults for whatever the
+/// user did not set.
+fn layered<'a>(
+    settings: &KafkaSettings,
+    overrides: impl IntoIterator<Item = (&'a String, &'a String)>,
+    defaults: &[(&str, &str)],
+) -> ClientConfig {
+    let mut config = base_config(settings);
+    for (key, value) in overrides {
+        config.set(key, value);
+    }
+    for (key, value) in defaults {
+        if config.get(key).is_none() {
+            config.set(*key, *value);
+        }
+    }
+    config
+}
+
 /// Consumer settings: no auto-commit (segmenter stores its own offsets with the state),
 /// eager range assignment (partition p of every co-partitioned topic lands on one member),
 /// bounded prefetch.
 pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
-    let mut config = base_config(settings);
-    for (key, value) in &settings.consumer {
-        config.set(key, value);
-    }
-    let defaults = [
-        ("group.id", settings.group_id.as_str()),
-        ("enable.auto.commit", "false"),
-        ("enable.auto.offset.store", "false"),
-        ("auto.offset.reset", "earliest"),
-        ("partition.assignment.strategy", "range"),
-        ("queued.max.messages.kbytes", "8192"),
-        ("session.timeout.ms", "10000"),
-        // Consumer lag per partition for the metrics comes from these statistics.
-        ("statistics.interval.ms", "5000"),
-    ];
-    for (key, value) in defaults {
-        if config.get(key).is_none() {
-            config.set(key, value);
-        }
-    }
+    let mut config = layered(
+        settings,
+        &settings.consumer,
+        &[
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("partition.assignment.strategy", "range"),
+            ("queued.max.messages.kbytes", "8192"),
+            ("session.timeout.ms", "10000"),
+            // Consumer lag per partition for the metrics comes from these statistics.
+            ("statistics.interval.ms", "5000"),
+        ],
+    );
     config.set("group.id", &settings.group_id);
     config
 }
@@ -85,21 +98,16 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
 /// replicas, retried forever (`message.timeout.ms=0`: the outbox holds a record until Kafka takes
 /// it), Java-compatible key partitioning.
 pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
-    let mut config = base_config(settings);
-    for (key, value) in &settings.producer {
-        config.set(key, value);
-    }
-    let defaults = [
-        ("linger.ms", "5"),
-        ("compression.type", "lz4"),
-        ("partitioner", "murmur2_random"),
-        ("queue.buffering.max.messages", "200000"),
-    ];
-    for (key, value) in defaults {
-        if config.get(key).is_none() {
-            config.set(key, value);
-        }
-    }
+    let mut config = layered(
+        settings,
+        &settings.producer,
+        &[
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+            ("partitioner", "murmur2_random"),
+            ("queue.buffering.max.messages", "200000"),
+        ],
+    );
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -342,4 +350,49 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn settings(consumer: &[(&str, &str)], producer: &[(&str, &str)]) -> KafkaSettings {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        KafkaSettings {
+            brokers: "b:9092".into(),
+            group_id: "g".into(),
+            client: map(&[("security.protocol", "SASL_SSL")]),
+            consumer: map(consumer),
+            producer: map(producer),
+        }
+    }
+
+    #[test]
+    fn pass_through_settings_win_over_defaults_but_not_over_guarantees() {
+        let config = consumer_config(&settings(
+            &[("session.timeout.ms", "6000"), ("group.id", "other")],
+            &[],
+        ));
+        assert_eq!(config.get("bootstrap.servers"), Some("b:9092"));
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(config.get("group.id"), Some("g"), "kafka.group_id decides");
+
+        let config = producer_config(&settings(&[], &[("linger.ms", "0"), ("acks", "1")]));
+        assert_eq!(config.get("linger.ms"), Some("0"));
+        assert_eq!(config.get("compression.type"), Some("lz4"));
+        assert_eq!(
+            config.get("acks"),
+            Some("all"),
+            "no-loss settings are not negotiable"
+        );
+        assert_eq!(config.get("enable.idempotence"), Some("true"));
+    }
 }
