@@ -1,13 +1,22 @@
 //! End-to-end Kafka benchmark: starts a tansu broker (or uses `--brokers`), preloads N
-//! generated events, measures a bare rdkafka consumer reading them (the ceiling), then the
-//! `segmenter run` service (child process, all segments of config/segments.toml, wall clock,
-//! timers and de-duplication on) from its first committed batch to the last change acknowledged,
-//! and finally event→publish latency under an open-loop load at a fraction of that throughput:
-//! as seen by a downstream reader of the change topic, and from the service's own histogram
-//! (`segmenter_event_to_publish_seconds`, scraped before and after the load).
+//! generated events, then measures
+//! 1. a bare rdkafka consumer reading them (the issue's ceiling);
+//! 2. the `segmenter run` service (child process, all segments of config/segments.toml, wall
+//!    clock, timers and de-duplication on) from its first consumed batch to the last change
+//!    acknowledged, by its own counters;
+//! 3. a bare relay moving the same input and output volume through the broker with no processing
+//!    (the I/O the service cannot avoid);
+//! 4. event→publish latency under an open-loop load at a fraction of that throughput, on fresh
+//!    topics with the state already built: as seen by a downstream reader of the change topic,
+//!    and from the service's own histogram (`segmenter_event_to_publish_seconds`);
+//! 5. the broker alone at the same rate (produce → readable), the floor under 4.
 //!
-//!     cargo run --release --bin bench_kafka -- [--events N] [--customers N] [--load-fraction F]
-//!         [--load-seconds S] [--brokers HOST:PORT]
+//! Usage:
+//!
+//! ```text
+//! cargo run --release --bin bench_kafka -- [--events N] [--customers N] [--load-fraction F]
+//!     [--load-seconds S] [--brokers HOST:PORT] [--throughput-only] [--only-broker RATE]
+//! ```
 
 #[path = "../../tests/support/tansu.rs"]
 mod tansu;
@@ -37,6 +46,10 @@ struct Args {
     load_fraction: f64,
     load_seconds: u64,
     brokers: Option<String>,
+    /// `--only-broker R`: skip everything but the broker-alone baseline, at R events/s.
+    only_broker: Option<f64>,
+    /// `--throughput-only`: stop after the service's throughput run.
+    throughput_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -46,9 +59,15 @@ fn parse_args() -> anyhow::Result<Args> {
         load_fraction: 0.5,
         load_seconds: 30,
         brokers: None,
+        only_broker: None,
+        throughput_only: false,
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
+        if flag == "--throughput-only" {
+            args.throughput_only = true;
+            continue;
+        }
         let value = iter
             .next()
             .with_context(|| format!("{flag} needs a value"))?;
@@ -58,6 +77,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--load-fraction" => args.load_fraction = value.parse()?,
             "--load-seconds" => args.load_seconds = value.parse()?,
             "--brokers" => args.brokers = Some(value),
+            "--only-broker" => args.only_broker = Some(value.parse()?),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -122,27 +142,6 @@ fn assigned_consumer(brokers: &str, topic: &str, group: &str) -> anyhow::Result<
     Ok(consumer)
 }
 
-/// Sum of the committed offsets of `group` on the input topic.
-fn committed(brokers: &str, group: &str) -> anyhow::Result<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()?;
-    let mut list = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        list.add_partition(INPUT, partition);
-    }
-    let offsets = consumer.committed_offsets(list, Duration::from_secs(5))?;
-    Ok(offsets
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .sum())
-}
-
 /// A free local TCP port for the service's HTTP API.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -152,12 +151,17 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// `GET /metrics` from the service.
 fn scrape(port: u16) -> anyhow::Result<String> {
+    scrape_path(port, "/metrics")
+}
+
+/// `GET path` from the service: the whole response, status line first.
+fn scrape_path(port: u16, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
@@ -218,15 +222,17 @@ fn start_service(
     brokers: &str,
     work: &std::path::Path,
     group: &str,
+    input: &str,
+    outputs: &str,
     http_port: u16,
 ) -> anyhow::Result<Child> {
     let segments =
         std::fs::canonicalize("config/segments.toml").context("run from the repository root")?;
-    let config = work.join(format!("{group}.toml"));
+    let config = work.join(format!("{group}-{input}.toml"));
     std::fs::write(
         &config,
         format!(
-            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{INPUT}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{group}-changes\"\nmembership_topic = \"{group}-membership\"\ndlq_topic = \"{group}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
             work.join(format!("{group}-state"))
         ),
     )?;
@@ -283,10 +289,16 @@ fn main() -> anyhow::Result<()> {
         &AdminOptions::new(),
     ))?;
 
+    let producer = producer(&brokers)?;
+    if let Some(rate) = args.only_broker {
+        broker_alone(&runtime, &admin, &producer, &brokers, rate, &args)?;
+        drop(broker);
+        return Ok(());
+    }
+
     // 1. preload
     let span_ms = (args.events as f64 / 50.0 * 1000.0) as i64;
     let generator_start = wall_clock_ms() - span_ms;
-    let producer = producer(&brokers)?;
     let started = Instant::now();
     for line in Generator::new(GeneratorConfig {
         customers: args.customers,
@@ -316,57 +328,83 @@ fn main() -> anyhow::Result<()> {
     println!("bare rdkafka consumer: {read} messages, {bare:.0} msg/s");
     drop(consumer);
 
-    // 3. the service, from its first committed batch to the last acknowledged change
-    let child = start_service(&brokers, work.path(), "bench-a", free_port()?)?;
-    let total = args.events as i64;
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let mut first: Option<(Instant, i64)> = None;
-    let mut last_progress = 0;
-    let finished = loop {
-        if Instant::now() > deadline {
-            break None;
-        }
-        let done = committed(&brokers, "bench-a").unwrap_or(0);
-        let now = Instant::now();
-        if first.is_none() && done > 0 {
-            first = Some((now, done));
-        }
-        if done >= total {
-            break Some(now);
-        }
-        if done != last_progress {
-            last_progress = done;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // 3. the service, from its first consumed batch to the last change acknowledged (its own
+    // counters, scraped every 50 ms)
+    let port = free_port()?;
+    let child = start_service(&brokers, work.path(), "bench-a", INPUT, "bench-a", port)?;
+    let run = wait_for_service(port, args.events, Duration::from_secs(900));
     stop(child);
-    let (Some((t0, offset0)), Some(t1)) = (first, finished) else {
-        bail!("the service did not finish ({last_progress} of {total} committed)");
-    };
-    let service = (total - offset0) as f64 / (t1 - t0).as_secs_f64();
+    let run = run?;
+    let service = run.rate();
     println!(
-        "segmenter run: {:.0} events/s end to end ({} events after the first commit in {:.2} s), {:.0} % of the bare consumer",
+        "segmenter run: {:.0} events/s end to end ({:.0} events after the first batch in {:.2} s), {:.0} % of the bare consumer; {:.2} output records per event",
         service,
-        total - offset0,
-        (t1 - t0).as_secs_f64(),
-        100.0 * service / bare
+        run.events,
+        run.seconds,
+        100.0 * service / bare,
+        run.records_per_event
     );
 
-    // 4. latency under open-loop load at a fraction of the measured throughput
+    if args.throughput_only {
+        return Ok(());
+    }
+
+    // 3b. the same input and output volume through the broker with no processing: a bare
+    // consumer that produces `records_per_event` change-sized records per event it reads.
+    let relay = bare_relay(
+        &runtime,
+        &admin,
+        &brokers,
+        args.events,
+        run.records_per_event,
+    )?;
+    println!(
+        "bare relay (consume + produce the same records, no processing): {:.0} events/s; the service runs at {:.0} % of it",
+        relay,
+        100.0 * service / relay
+    );
+
+    // 4. latency under open-loop load at a fraction of the measured throughput. A second
+    // instance first builds its state from the preloaded events, then is restarted on fresh
+    // input and output topics (same state, same partitioning), so the load does not queue behind
+    // the millions of records already in tansu's in-memory logs, whose reads slow down as a
+    // partition grows — the broker-alone baseline below also uses a fresh topic.
     let rate = (service * args.load_fraction).max(1.0);
+    let port = free_port()?;
+    let child = start_service(&brokers, work.path(), "bench-b", INPUT, "bench-b", port)?;
+    let caught_up = wait_for_service(port, args.events, Duration::from_secs(900));
+    stop(child);
+    caught_up?;
+    let load_topic = "bench-load";
+    runtime.block_on(admin.create_topics(
+        &[NewTopic::new(
+            load_topic,
+            PARTITIONS,
+            TopicReplication::Fixed(1),
+        )],
+        &AdminOptions::new(),
+    ))?;
     let http_port = free_port()?;
-    let child = start_service(&brokers, work.path(), "bench-b", http_port)?;
-    std::thread::sleep(Duration::from_secs(8));
-    let changes = assigned_consumer(&brokers, "bench-b-changes", "bench-latency")?;
-    // Drain what the catch-up of the preloaded events produced.
-    let caught_up = Instant::now() + Duration::from_secs(600);
-    while committed(&brokers, "bench-b").unwrap_or(0) < total && Instant::now() < caught_up {
-        while changes.poll(Duration::from_millis(0)).is_some() {}
+    let child = start_service(
+        &brokers,
+        work.path(),
+        "bench-b",
+        load_topic,
+        "bench-load",
+        http_port,
+    )?;
+    let ready = Instant::now() + Duration::from_secs(120);
+    while !scrape_path(http_port, "/readyz").is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
+        if Instant::now() > ready {
+            bail!("the service did not become ready on {load_topic}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
-    while changes.poll(Duration::from_millis(200)).is_some() {}
+    let changes = assigned_consumer(&brokers, "bench-load-changes", "bench-latency")?;
+    warm_up(&changes);
     let buckets_before = publish_buckets(&scrape(http_port)?);
-    let (sent, mut latencies) = open_loop(&producer, INPUT, changes, "message_id", rate, &args, 7)?;
+    let (sent, mut latencies) =
+        open_loop(&producer, load_topic, changes, "message_id", rate, &args, 7)?;
     let buckets_after = publish_buckets(&scrape(http_port)?);
     stop(child);
     latencies.sort_unstable();
@@ -391,8 +429,136 @@ fn main() -> anyhow::Result<()> {
         quantile(0.999)
     );
 
-    // 5. the broker alone at the same rate: produce → readable by a consumer, no service. The
-    // floor under the numbers above on this machine and broker.
+    // 5. the floor under both: the broker alone at the same rate
+    broker_alone(&runtime, &admin, &producer, &brokers, rate, &args)?;
+    drop(broker);
+    Ok(())
+}
+
+/// A service run measured by its own counters.
+struct ServiceRun {
+    /// Events consumed after the first observation.
+    events: f64,
+    seconds: f64,
+    records_per_event: f64,
+}
+
+impl ServiceRun {
+    fn rate(&self) -> f64 {
+        self.events / self.seconds
+    }
+}
+
+/// Scrapes the service every 50 ms until it has consumed `total` events and Kafka acknowledged
+/// every record it decided (outbox empty). Measured from the first scrape that saw consumption.
+fn wait_for_service(port: u16, total: u64, limit: Duration) -> anyhow::Result<ServiceRun> {
+    let deadline = Instant::now() + limit;
+    let mut first: Option<(Instant, f64)> = None;
+    let mut last = 0.0;
+    loop {
+        if Instant::now() > deadline {
+            bail!("the service did not finish ({last} of {total} consumed)");
+        }
+        if let Ok(text) = scrape(port) {
+            let consumed = metric_sum(&text, "segmenter_events_consumed_total{");
+            let pending = metric_sum(&text, "segmenter_outbox_pending{");
+            let now = Instant::now();
+            last = consumed;
+            if first.is_none() && consumed > 0.0 {
+                first = Some((now, consumed));
+            }
+            if consumed >= total as f64 && pending == 0.0 {
+                let (t0, c0) = first.unwrap_or((now, consumed));
+                let published = metric_sum(&text, "segmenter_published_total{");
+                return Ok(ServiceRun {
+                    events: consumed - c0,
+                    seconds: (now - t0).as_secs_f64().max(1e-3),
+                    records_per_event: published / consumed,
+                });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The sum of every sample of a metric whose lines start with `prefix`.
+fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Reads `events` input events and produces `records_per_event` records of a change event's
+/// size per event read (an accumulator spreads the fraction evenly) to a fresh topic; events/s
+/// from the first message read to the last record acknowledged.
+fn bare_relay(
+    runtime: &tokio::runtime::Runtime,
+    admin: &AdminClient<DefaultClientContext>,
+    brokers: &str,
+    events: u64,
+    records_per_event: f64,
+) -> anyhow::Result<f64> {
+    let topic = "bench-relay";
+    runtime.block_on(admin.create_topics(
+        &[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))],
+        &AdminOptions::new(),
+    ))?;
+    let consumer = assigned_consumer(brokers, INPUT, "bench-relay")?;
+    let producer = producer(brokers)?;
+    let payload = "x".repeat(260);
+    let mut owed = 0.0;
+    let mut read = 0u64;
+    let mut started = None;
+    let limit = Instant::now() + Duration::from_secs(300);
+    while read < events && Instant::now() < limit {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        started.get_or_insert_with(Instant::now);
+        read += 1;
+        owed += records_per_event;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            let key = message.key().unwrap_or_default();
+            let mut record = BaseRecord::<[u8], str>::to(topic)
+                .key(key)
+                .payload(&payload);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, returned)) => {
+                        record = returned;
+                        producer.poll(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let started = started.context("the relay read nothing")?;
+    Ok(read as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Lets a freshly assigned reader find its start offsets and begin fetching before a clock
+/// starts: its first fetch otherwise adds ~0.5 s to the first records (start-up, not load).
+fn warm_up(reader: &BaseConsumer) {
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        reader.poll(Duration::from_millis(100));
+    }
+}
+
+/// The broker alone at `rate`: produce → readable by a consumer, no service. The floor under the
+/// service's latency on this machine and broker.
+fn broker_alone(
+    runtime: &tokio::runtime::Runtime,
+    admin: &AdminClient<DefaultClientContext>,
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    brokers: &str,
+    rate: f64,
+    args: &Args,
+) -> anyhow::Result<()> {
     let baseline_topic = "bench-roundtrip";
     runtime.block_on(admin.create_topics(
         &[NewTopic::new(
@@ -402,14 +568,15 @@ fn main() -> anyhow::Result<()> {
         )],
         &AdminOptions::new(),
     ))?;
-    let reader = assigned_consumer(&brokers, baseline_topic, "bench-roundtrip")?;
+    let reader = assigned_consumer(brokers, baseline_topic, "bench-roundtrip")?;
+    warm_up(&reader);
     let (sent, mut round_trips) = open_loop(
-        &producer,
+        producer,
         baseline_topic,
         reader,
         "messageId",
         rate,
-        &args,
+        args,
         11,
     )?;
     round_trips.sort_unstable();
@@ -421,7 +588,6 @@ fn main() -> anyhow::Result<()> {
         percentile(&round_trips, 0.99),
         percentile(&round_trips, 0.999)
     );
-    drop(broker);
     Ok(())
 }
 
@@ -429,6 +595,10 @@ fn main() -> anyhow::Result<()> {
 /// whatever happens downstream) while `reader` is polled continuously on its own thread; each
 /// record it reads whose JSON field `id_field` names a produced event's `messageId` yields one
 /// latency sample (read time − produce time, ms). Returns (events sent, samples).
+///
+/// The events are generated (and their keys and ids extracted) before the clock starts and the
+/// reader finds ids by a plain text search, so the load generator takes as little as possible of
+/// the CPU it shares with the service and the broker.
 fn open_loop(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
@@ -438,6 +608,29 @@ fn open_loop(
     args: &Args,
     seed: u64,
 ) -> anyhow::Result<(u64, Vec<i64>)> {
+    let count = (rate * args.load_seconds as f64).ceil() as usize;
+    // Event times follow the schedule; the load starts when the first one is due.
+    let lead_ms = 5_000 + count as i64 / 500;
+    let start_ms = wall_clock_ms() + lead_ms;
+    let mut generator = Generator::new(GeneratorConfig {
+        customers: args.customers,
+        events: count as u64,
+        seed,
+        start_ms,
+        events_per_second: rate,
+        late_fraction: 0.0,
+        duplicate_fraction: 0.0,
+        malformed_fraction: 0.0,
+    });
+    let mut planned: Vec<(String, String)> = Vec::with_capacity(count);
+    let mut index_of: HashMap<String, usize> = HashMap::with_capacity(count);
+    while let Some(generated) = generator.next_line() {
+        let line = generated.line;
+        if let Some(id) = text_field(line.as_bytes(), "messageId") {
+            index_of.insert(id.to_string(), planned.len());
+        }
+        planned.push((key_of(&line), line));
+    }
     let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let thread = {
         let reading = reading.clone();
@@ -445,55 +638,28 @@ fn open_loop(
             let mut seen: Vec<(String, i64)> = Vec::new();
             while reading.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Some(Ok(message)) = reader.poll(Duration::from_millis(20)) {
-                    let id = message
-                        .payload()
-                        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-                        .and_then(|v| v.get(id_field).and_then(|m| m.as_str()).map(str::to_string));
-                    if let Some(id) = id {
-                        seen.push((id, wall_clock_ms()));
+                    let at = wall_clock_ms();
+                    if let Some(id) = message.payload().and_then(|p| text_field(p, id_field)) {
+                        seen.push((id.to_string(), at));
                     }
                 }
             }
             seen
         })
     };
-    let mut generator = Generator::new(GeneratorConfig {
-        customers: args.customers,
-        events: u64::MAX / 2,
-        seed,
-        start_ms: wall_clock_ms(),
-        events_per_second: rate,
-        late_fraction: 0.0,
-        duplicate_fraction: 0.0,
-        malformed_fraction: 0.0,
-    });
-    let mut sent_at: HashMap<String, i64> = HashMap::new();
+    while wall_clock_ms() < start_ms {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut sent_at: Vec<i64> = vec![0; planned.len()];
     let start = Instant::now();
-    let duration = Duration::from_secs(args.load_seconds);
-    let mut sent = 0u64;
-    while start.elapsed() < duration {
-        let due = Duration::from_secs_f64(sent as f64 / rate);
-        if start.elapsed() < due {
+    for (i, (key, line)) in planned.iter().enumerate() {
+        let due = Duration::from_secs_f64(i as f64 / rate);
+        while start.elapsed() < due {
             std::thread::sleep(Duration::from_micros(200));
-            continue;
         }
-        let Some(generated) = generator.next_line() else {
-            break;
-        };
         let now = wall_clock_ms();
-        let line = generated.line;
-        if let Some(id) = serde_json::from_str::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| {
-                v.get("messageId")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
-        {
-            sent_at.insert(id, now);
-        }
-        send(producer, topic, &key_of(&line), &line, now);
-        sent += 1;
+        sent_at[i] = now;
+        send(producer, topic, key, line, now);
     }
     std::thread::sleep(Duration::from_secs(5));
     reading.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -502,7 +668,19 @@ fn open_loop(
         .map_err(|_| anyhow::anyhow!("the reader thread panicked"))?;
     let samples = seen
         .iter()
-        .filter_map(|(id, at)| sent_at.get(id).map(|sent| at - sent))
+        .filter_map(|(id, at)| index_of.get(id).map(|&i| at - sent_at[i]))
         .collect();
-    Ok((sent, samples))
+    Ok((planned.len() as u64, samples))
+}
+
+/// The string value of a top-level `"field":"…"` in compact JSON (no escapes in the value),
+/// found by text search — what the generator and the service write.
+fn text_field<'a>(json: &'a [u8], field: &str) -> Option<&'a str> {
+    let needle = format!("\"{field}\":\"");
+    let at = json
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())?
+        + needle.len();
+    let len = json[at..].iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&json[at..at + len]).ok()
 }
