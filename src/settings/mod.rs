@@ -385,7 +385,7 @@ fn build(
         replication_factor: raw.output.replication_factor.unwrap_or(1),
     };
     let pipeline = PipelineSettings {
-        batch_size: raw.engine.batch_size.unwrap_or(2000).max(1),
+        batch_size: raw.engine.batch_size.unwrap_or(5000).max(1),
         timer_slice: raw.engine.timer_slice.unwrap_or(2000).max(1),
         max_outbox_backlog: raw.engine.max_outbox_backlog.unwrap_or(100_000).max(1),
         shutdown_timeout: std::time::Duration::from_millis(shutdown_timeout.max(0) as u64),
