@@ -338,13 +338,17 @@ fn main() -> anyhow::Result<()> {
     let run = run?;
     let service = run.rate();
     println!(
-        "segmenter run: {:.0} events/s end to end ({:.0} events after the first batch in {:.2} s), {:.0} % of the bare consumer; {:.2} output records per event; {} CPU per event (the whole process, start-up included)",
+        "segmenter run: {:.0} events/s end to end ({:.0} events after the first batch in {:.2} s), {:.0} % of the bare consumer; {:.2} output records per event; {} per event (the whole process, start-up included)",
         service,
         run.events,
         run.seconds,
         100.0 * service / bare,
         run.records_per_event,
-        cpu.map_or("n/a".into(), |s| format!("{:.1} µs", s * 1e6 / args.events as f64)),
+        cpu.map_or("n/a".into(), |(seconds, faults)| format!(
+            "{:.1} µs CPU and {:.2} page faults",
+            seconds * 1e6 / args.events as f64,
+            faults / args.events as f64
+        )),
     );
 
     if args.throughput_only {
@@ -483,15 +487,16 @@ fn wait_for_service(port: u16, total: u64, limit: Duration) -> anyhow::Result<Se
     }
 }
 
-/// User + system CPU time a process has used so far, from `/proc` (Linux).
-fn cpu_seconds(pid: u32) -> Option<f64> {
+/// User + system CPU seconds and minor page faults of a process so far, from `/proc` (Linux).
+fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let faults: f64 = fields.get(7)?.parse().ok()?;
     // /proc reports in USER_HZ, 100 per second on Linux (x86-64 and arm64 alike).
-    Some(ticks / 100.0)
+    Some((ticks / 100.0, faults))
 }
 
 /// The sum of every sample of a metric whose lines start with `prefix`.

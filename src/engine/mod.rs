@@ -433,6 +433,12 @@ impl<S: Store> PartitionEngine<S> {
     /// Afterwards the in-memory cache is trimmed to `max_cached_customers`.
     pub fn take_writes(&mut self) -> WriteSet {
         let mut writes = WriteSet::default();
+        self.take_writes_into(&mut writes);
+        writes
+    }
+
+    /// [`PartitionEngine::take_writes`] appended to `writes` (a buffer the caller reuses).
+    pub fn take_writes_into(&mut self, writes: &mut WriteSet) {
         // Deletions first: a customer erased and then seen again in the same period is written
         // afresh by the puts below (a write set applies in order).
         for (customer, timer) in std::mem::take(&mut self.erased) {
@@ -491,7 +497,6 @@ impl<S: Store> PartitionEngine<S> {
                 false
             });
         }
-        writes
     }
 
     /// Writes everything pending straight to the store.

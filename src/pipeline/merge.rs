@@ -37,7 +37,7 @@ impl Merger {
         }
     }
 
-    pub fn push(&mut self, batch: Vec<InputMessage>, arrived: Instant) {
+    pub fn push(&mut self, batch: impl IntoIterator<Item = InputMessage>, arrived: Instant) {
         for message in batch {
             let idx = match self
                 .queues
@@ -78,9 +78,22 @@ impl Merger {
         now: Instant,
         wall_ms: i64,
         flush: bool,
-        mut caught_up: impl FnMut(&str) -> bool,
+        caught_up: impl FnMut(&str) -> bool,
     ) -> Vec<InputMessage> {
         let mut out = Vec::new();
+        self.ready_into(now, wall_ms, flush, caught_up, &mut out);
+        out
+    }
+
+    /// [`Merger::ready_with`] appending to `out` (a buffer the caller reuses).
+    pub fn ready_into(
+        &mut self,
+        now: Instant,
+        wall_ms: i64,
+        flush: bool,
+        mut caught_up: impl FnMut(&str) -> bool,
+        out: &mut Vec<InputMessage>,
+    ) {
         let mut known: Vec<Option<bool>> = vec![None; self.queues.len()];
         loop {
             let earliest = self
@@ -112,7 +125,6 @@ impl Merger {
                 out.push(message);
             }
         }
-        out
     }
 }
 
@@ -249,7 +261,7 @@ mod tests {
             2,
         );
         let start = Instant::now();
-        merger.push((0..3).map(|i| message("clicks", i, i)).collect(), start);
+        merger.push((0..3).map(|i| message("clicks", i, i)), start);
         assert_eq!(
             merger.ready(start, LIVE, false).len(),
             1,

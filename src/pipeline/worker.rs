@@ -115,6 +115,13 @@ pub struct Worker {
     topic_counters: Vec<TopicCounters>,
     /// Members-index updates decided since the last commit.
     index_writes: WriteSet,
+    /// Per-batch buffers, cleared and reused so a batch neither grows fresh vectors nor touches
+    /// fresh memory: input on its way into the merge, what the merge released, the records
+    /// decided, the write set.
+    intake: Vec<InputMessage>,
+    ready: Vec<InputMessage>,
+    records: Vec<Decided>,
+    writes: WriteSet,
 }
 
 impl Worker {
@@ -162,6 +169,10 @@ impl Worker {
             merger,
             members,
             index_writes: WriteSet::default(),
+            intake: Vec::new(),
+            ready: Vec::new(),
+            records: Vec::new(),
+            writes: WriteSet::default(),
             metrics: shared.metrics.clone(),
             producer: shared.producer.clone(),
             board: shared.board.clone(),
@@ -211,14 +222,16 @@ impl Worker {
                 self.tick()?;
                 continue;
             }
-            let polled = self.poll_inputs();
-            if !polled.is_empty() {
-                self.process(polled, false)?;
+            if self.poll_inputs() > 0 {
+                self.process(false)?;
                 self.tick()?;
                 continue;
             }
             match inputs.recv_timeout(TICK) {
-                Ok(WorkerInput::Batch(batch)) => self.process(batch, false)?,
+                Ok(WorkerInput::Batch(batch)) => {
+                    self.merger.push(batch, Instant::now());
+                    self.process(false)?;
+                }
                 Ok(WorkerInput::Wake) => {}
                 Ok(WorkerInput::Erase { customer, reply }) => {
                     let outcome = self.erase(&customer);
@@ -230,14 +243,14 @@ impl Worker {
                     outcome?;
                 }
                 Ok(WorkerInput::Stop { deadline, reply }) => {
-                    self.process(Vec::new(), true)?;
+                    self.process(true)?;
                     self.drain(deadline)?;
                     let _ = reply.send(());
                     return Ok(());
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.process(Vec::new(), true)?;
+                    self.process(true)?;
                     let deadline = Instant::now() + self.shared.pipeline.shutdown_timeout;
                     return self.drain(deadline);
                 }
@@ -302,7 +315,7 @@ impl Worker {
         let exits = self.changes.clone();
         let mut records = Vec::new();
         self.drain_changes(&mut records, Some(wall));
-        self.commit(records)?;
+        self.commit(&mut records)?;
         tracing::info!(
             partition = self.partition,
             customer,
@@ -312,44 +325,53 @@ impl Worker {
         Ok(Some(exits))
     }
 
-    /// Takes already-fetched messages from the input queues without waiting: up to a batch per
-    /// topic, never more than the merge buffer can hold.
-    fn poll_inputs(&mut self) -> Vec<InputMessage> {
+    /// Moves already-fetched messages from the input queues into the merge without waiting: up
+    /// to a batch per topic, never more than the merge buffer can hold. Returns how many.
+    fn poll_inputs(&mut self) -> usize {
         let mut room = self.merger.capacity();
-        let mut batch = Vec::new();
+        let mut polled = 0;
         for input in &mut self.inputs {
             // Up to a batch from each topic, so the merge has every topic's next messages.
-            room -= input.poll_into(room.min(self.shared.pipeline.batch_size), &mut batch);
+            let max = room.min(self.shared.pipeline.batch_size);
+            let taken = input.poll_into(max, &mut self.intake);
+            room -= taken;
+            polled += taken;
         }
-        batch
+        self.merger.push(self.intake.drain(..), Instant::now());
+        polled
     }
 
     fn wall_clock(&self) -> Millis {
         (self.shared.clock)()
     }
 
-    /// Buffers a batch and applies what the cross-topic merge releases.
-    fn process(&mut self, batch: Vec<InputMessage>, flush: bool) -> Result<(), WorkerError> {
-        self.merger.push(batch, Instant::now());
+    /// Applies what the cross-topic merge releases.
+    fn process(&mut self, flush: bool) -> Result<(), WorkerError> {
         let wall = self.wall_clock();
         let inputs = &self.inputs;
-        let ready = self
-            .merger
-            .ready_with(Instant::now(), wall, flush, |topic| {
+        let mut ready = std::mem::take(&mut self.ready);
+        self.merger.ready_into(
+            Instant::now(),
+            wall,
+            flush,
+            |topic| {
                 inputs
                     .iter()
                     .any(|input| &*input.topic == topic && input.caught_up())
-            });
+            },
+            &mut ready,
+        );
         if ready.is_empty() {
+            self.ready = ready;
             return Ok(());
         }
         let started = Instant::now();
         let size = ready.len();
         let oldest = ready.iter().filter_map(|m| m.timestamp).min();
         let intake_lag_ms = oldest.map_or(0, |ts| self.wall_clock() - ts);
-        let mut records: Vec<Decided> = Vec::new();
+        let mut records = std::mem::take(&mut self.records);
         self.fire_wall_timers(&mut records)?;
-        for message in ready {
+        for message in ready.drain(..) {
             // Per message: update in place rather than allocate a key.
             match self.offsets.get_mut(&*message.topic) {
                 Some(offset) => *offset = message.offset + 1,
@@ -394,9 +416,11 @@ impl Worker {
             let origin = message.timestamp.unwrap_or(event.timestamp);
             self.drain_changes(&mut records, Some(origin));
         }
+        self.ready = ready;
         let applied = started.elapsed();
         let produced = records.len();
-        self.commit(records)?;
+        self.commit(&mut records)?;
+        self.records = records;
         self.metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -512,22 +536,25 @@ impl Worker {
     /// Wall-clock timers (one bounded slice) and housekeeping of acknowledged records.
     fn tick(&mut self) -> Result<(), WorkerError> {
         if self.merger.buffered() > 0 {
-            self.process(Vec::new(), false)?;
+            self.process(false)?;
         }
         self.collect_acks();
         let mut records = Vec::new();
         self.fire_wall_timers(&mut records)?;
         if !records.is_empty() || !self.acked.is_empty() || !self.index_writes.is_empty() {
-            self.commit(records)?;
+            self.commit(&mut records)?;
         }
         Ok(())
     }
 
     /// One atomic write: engine state, new outbox records, input offsets, deletion of
-    /// acknowledged records. Only then are the new records handed to the producer.
-    fn commit(&mut self, records: Vec<Decided>) -> Result<(), WorkerError> {
+    /// acknowledged records. Only then are the new records handed to the producer; `records`
+    /// is left empty.
+    fn commit(&mut self, records: &mut Vec<Decided>) -> Result<(), WorkerError> {
         let p = self.partition as u32;
-        let mut writes: WriteSet = self.engine.take_writes();
+        let mut writes = std::mem::take(&mut self.writes);
+        writes.clear();
+        self.engine.take_writes_into(&mut writes);
         writes.append(&mut self.index_writes);
         let first = self.next_seq;
         // Everything below the first unacknowledged record is acknowledged: one range deletion
@@ -546,7 +573,7 @@ impl Worker {
             self.outbox_floor = first_unacked;
         }
         let mut encoded = Vec::with_capacity(records.len());
-        for (record, _) in &records {
+        for (record, _) in records.iter() {
             let seq = self.next_seq;
             self.next_seq += 1;
             writes.put(Table::Outbox, keys::outbox(p, seq), record.encode());
@@ -571,11 +598,13 @@ impl Worker {
                 writes.delete(Table::Outbox, keys::outbox(p, seq));
             }
         }
-        self.store.write(writes)?;
-        for (seq, (record, pending)) in encoded.into_iter().zip(&records) {
-            kafka::send(&self.producer, self.partition, seq, record)
+        self.store.write_ref(&writes)?;
+        writes.clear();
+        self.writes = writes;
+        for (seq, (record, pending)) in encoded.into_iter().zip(records.drain(..)) {
+            kafka::send(&self.producer, self.partition, seq, &record)
                 .map_err(|e| WorkerError::Produce(e.to_string()))?;
-            self.unacked.insert(seq, *pending);
+            self.unacked.insert(seq, pending);
         }
         if self.next_seq > first || !reached.is_empty() {
             self.commit_points.push_back((self.next_seq, reached));
@@ -656,7 +685,7 @@ impl Worker {
                 "stopping with unpublished records; they stay in the outbox"
             );
         }
-        self.commit(Vec::new())
+        self.commit(&mut Vec::new())
     }
 }
 

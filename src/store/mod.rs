@@ -91,6 +91,12 @@ impl WriteSet {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty() && self.ranges.is_empty()
     }
+
+    /// Empties the set, keeping its capacity.
+    pub fn clear(&mut self) {
+        self.ops.clear();
+        self.ranges.clear();
+    }
 }
 
 /// What the engine needs from storage.

@@ -178,12 +178,20 @@ impl Store for RocksStore {
     }
 
     fn write(&self, writes: WriteSet) -> Result<(), StoreError> {
+        self.write_ref(&writes)
+    }
+}
+
+impl RocksStore {
+    /// [`Store::write`] without taking the set, so a caller can clear and reuse it (a partition
+    /// worker keeps one per batch rather than growing a fresh one every time).
+    pub fn write_ref(&self, writes: &WriteSet) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        for (table, from, to) in writes.ranges {
-            batch.delete_range_cf(self.family(table)?, from, to);
+        for (table, from, to) in &writes.ranges {
+            batch.delete_range_cf(self.family(*table)?, from, to);
         }
-        for (table, key, value) in writes.ops {
-            let family = self.family(table)?;
+        for (table, key, value) in &writes.ops {
+            let family = self.family(*table)?;
             match value {
                 Some(value) => batch.put_cf(family, key, value),
                 None => batch.delete_cf(family, key),
