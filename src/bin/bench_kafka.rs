@@ -334,6 +334,7 @@ fn main() -> anyhow::Result<()> {
     let child = start_service(&brokers, work.path(), "bench-a", INPUT, "bench-a", port)?;
     let run = wait_for_service(port, args.events, Duration::from_secs(900));
     let cpu = cpu_seconds(child.id());
+    let peak_rss = peak_rss_bytes(child.id());
     stop(child);
     let run = run?;
     let service = run.rate();
@@ -350,6 +351,13 @@ fn main() -> anyhow::Result<()> {
             faults / args.events as f64
         )),
     );
+    if let Some(bytes) = peak_rss {
+        println!(
+            "service peak RSS {:.0} MiB for {} customers (all cached: engine.max_cached_customers is 200,000; RocksDB block cache 128 MiB)",
+            bytes as f64 / (1 << 20) as f64,
+            args.customers
+        );
+    }
 
     if args.throughput_only {
         return Ok(());
@@ -497,6 +505,14 @@ fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     let faults: f64 = fields.get(7)?.parse().ok()?;
     // /proc reports in USER_HZ, 100 per second on Linux (x86-64 and arm64 alike).
     Some((ticks / 100.0, faults))
+}
+
+/// A process's peak resident set (`VmHWM`), from `/proc` (Linux).
+fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The sum of every sample of a metric whose lines start with `prefix`.
