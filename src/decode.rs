@@ -2,6 +2,11 @@
 //!
 //! The default mapping is the Segment Spec; every field location is a JSON pointer so a company's
 //! own schema decodes without a translator. Nothing here panics on input.
+//!
+//! When every pointer names a top-level key (the Segment mapping and most others) a document is
+//! read straight into one slot per key, skipping everything else, instead of being built as a
+//! JSON object first; both paths share one set of decoding rules ([`Fields`]) and the tests
+//! check that they agree on generated, random and malformed input.
 
 use serde_json::{Map, Value};
 
@@ -147,7 +152,145 @@ pub struct Decoder {
     top_keys: Option<Vec<String>>,
     /// When set, only these keys of `properties` are kept (the rules read no others).
     property_keys: Option<Vec<String>>,
+    /// Set when every pointer is a single top-level key (the Segment mapping and most others):
+    /// documents then decode into one slot per key, with no intermediate JSON object.
+    slots: Option<SlotLayout>,
     max_bytes: usize,
+}
+
+/// The fast path's layout: the distinct top-level keys the pointers name, and which slot each
+/// field reads.
+#[derive(Debug, Clone, PartialEq)]
+struct SlotLayout {
+    keys: Vec<String>,
+    customer_id: Vec<usize>,
+    event_type: Option<usize>,
+    event_name: usize,
+    timestamp: usize,
+    message_id: Option<usize>,
+    properties: Option<usize>,
+    traits: Option<usize>,
+}
+
+impl SlotLayout {
+    fn of(pointers: &Pointers) -> Option<SlotLayout> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut slot = |pointer: &Pointer| -> Option<usize> {
+            let [key] = pointer.tokens.as_slice() else {
+                return None;
+            };
+            Some(match keys.iter().position(|k| k == key) {
+                Some(i) => i,
+                None => {
+                    keys.push(key.clone());
+                    keys.len() - 1
+                }
+            })
+        };
+        let customer_id = pointers
+            .customer_id
+            .iter()
+            .map(&mut slot)
+            .collect::<Option<Vec<usize>>>()?;
+        let event_type = pointers.event_type.as_ref().map(&mut slot);
+        let event_name = slot(&pointers.event_name)?;
+        let timestamp = slot(&pointers.timestamp)?;
+        let message_id = pointers.message_id.as_ref().map(&mut slot);
+        let properties = pointers.properties.as_ref().map(&mut slot);
+        let traits = pointers.traits.as_ref().map(&mut slot);
+        Some(SlotLayout {
+            customer_id,
+            event_type: event_type.map(|s| s.ok_or(())).transpose().ok()?,
+            event_name,
+            timestamp,
+            message_id: message_id.map(|s| s.ok_or(())).transpose().ok()?,
+            properties: properties.map(|s| s.ok_or(())).transpose().ok()?,
+            traits: traits.map(|s| s.ok_or(())).transpose().ok()?,
+            keys,
+        })
+    }
+}
+
+/// One field of the mapping (`CustomerId(i)`: the i-th customer id candidate).
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    CustomerId(usize),
+    Type,
+    Name,
+    Timestamp,
+    MessageId,
+    Properties,
+    Traits,
+}
+
+/// Where a decoded document's fields are read from: a parsed JSON document and the pointers,
+/// or the fast path's slots. One set of decoding rules ([`Decoder::decode_fields`]) serves both.
+trait Fields {
+    /// `None`: the field is absent (or the mapping has no such field).
+    fn get(&self, field: Field) -> Option<&Value>;
+    fn take(&mut self, field: Field) -> Option<Value>;
+}
+
+/// A whole parsed document, read through the mapping's pointers.
+struct Document<'a> {
+    value: Value,
+    pointers: &'a Pointers,
+}
+
+/// The pointer a field is read through.
+fn pointer_of(p: &Pointers, field: Field) -> Option<&Pointer> {
+    match field {
+        Field::CustomerId(i) => p.customer_id.get(i),
+        Field::Type => p.event_type.as_ref(),
+        Field::Name => Some(&p.event_name),
+        Field::Timestamp => Some(&p.timestamp),
+        Field::MessageId => p.message_id.as_ref(),
+        Field::Properties => p.properties.as_ref(),
+        Field::Traits => p.traits.as_ref(),
+    }
+}
+
+impl Fields for Document<'_> {
+    fn get(&self, field: Field) -> Option<&Value> {
+        pointer_of(self.pointers, field)?.get(&self.value)
+    }
+
+    fn take(&mut self, field: Field) -> Option<Value> {
+        let pointers = self.pointers;
+        pointer_of(pointers, field)?.take(&mut self.value)
+    }
+}
+
+/// The fast path's decoded slots (one per top-level key of the layout).
+struct Slots<'a> {
+    values: Vec<Option<Value>>,
+    layout: &'a SlotLayout,
+}
+
+impl Slots<'_> {
+    fn slot(&self, field: Field) -> Option<usize> {
+        let l = self.layout;
+        match field {
+            Field::CustomerId(i) => l.customer_id.get(i).copied(),
+            Field::Type => l.event_type,
+            Field::Name => Some(l.event_name),
+            Field::Timestamp => Some(l.timestamp),
+            Field::MessageId => l.message_id,
+            Field::Properties => l.properties,
+            Field::Traits => l.traits,
+        }
+    }
+}
+
+impl Fields for Slots<'_> {
+    fn get(&self, field: Field) -> Option<&Value> {
+        self.values.get(self.slot(field)?)?.as_ref()
+    }
+
+    fn take(&mut self, field: Field) -> Option<Value> {
+        let slot = self.slot(field)?;
+        self.values.get_mut(slot)?.take()
+    }
 }
 
 impl Decoder {
@@ -186,6 +329,7 @@ impl Decoder {
         top_keys.dedup();
         Decoder {
             mapping,
+            slots: SlotLayout::of(&pointers),
             pointers,
             top_keys: (!whole_document).then_some(top_keys),
             property_keys: None,
@@ -221,6 +365,18 @@ impl Decoder {
                 limit: self.max_bytes,
             });
         }
+        if let Some(layout) = &self.slots {
+            let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+            let seed = SlotsSeed {
+                keys: &layout.keys,
+                properties: layout.properties.zip(self.property_keys.as_deref()),
+            };
+            let values = serde::de::DeserializeSeed::deserialize(seed, &mut deserializer)
+                .and_then(|values| deserializer.end().map(|()| values))
+                .map_err(|err| DecodeError::NotJson(err.to_string()))?
+                .ok_or(DecodeError::NotObject)?;
+            return self.decode_fields(Slots { values, layout });
+        }
         let document = match &self.top_keys {
             Some(keys) => {
                 let mut deserializer = serde_json::Deserializer::from_slice(bytes);
@@ -239,50 +395,50 @@ impl Decoder {
         self.decode_value(document)
     }
 
-    fn decode_value(&self, mut document: Value) -> Result<Event, DecodeError> {
+    fn decode_value(&self, document: Value) -> Result<Event, DecodeError> {
         if !document.is_object() {
             return Err(DecodeError::NotObject);
         }
-        let pointers = &self.pointers;
-        let customer_id = pointers
-            .customer_id
-            .iter()
-            .find_map(|pointer| id_text(pointer.get(&document)))
+        self.decode_fields(Document {
+            value: document,
+            pointers: &self.pointers,
+        })
+    }
+
+    /// The decoding rules, whatever the fields were read from.
+    fn decode_fields(&self, mut fields: impl Fields) -> Result<Event, DecodeError> {
+        let customer_id = (0..self.pointers.customer_id.len())
+            .find_map(|i| id_text(fields.get(Field::CustomerId(i))))
             .ok_or_else(|| DecodeError::NoCustomerId(self.mapping.customer_id.join(", ")))?;
-        let name = pointers
-            .event_name
-            .get(&document)
+        let name = fields
+            .get(Field::Name)
             .and_then(Value::as_str)
             .filter(|name| !name.is_empty())
             .map(str::to_string);
-        let kind = match &pointers.event_type {
-            Some(pointer) => {
-                let event_type = pointer
-                    .get(&document)
-                    .ok_or(DecodeError::MissingType)?
-                    .as_str()
-                    .ok_or_else(|| DecodeError::UnknownType("(not a string)".into()))?;
-                kind_of(event_type, name)?
-            }
-            None => match name {
+        let kind = if self.pointers.event_type.is_some() {
+            let event_type = fields
+                .get(Field::Type)
+                .ok_or(DecodeError::MissingType)?
+                .as_str()
+                .ok_or_else(|| DecodeError::UnknownType("(not a string)".into()))?;
+            kind_of(event_type, name)?
+        } else {
+            match name {
                 Some(name) => EventKind::Activity { name },
                 None => EventKind::Identify,
-            },
+            }
         };
-        let timestamp = match pointers.timestamp.get(&document) {
+        let timestamp = match fields.get(Field::Timestamp) {
             None | Some(Value::Null) => return Err(DecodeError::MissingTimestamp),
             Some(Value::String(text)) => time::parse_rfc3339(text),
             Some(Value::Number(number)) => time::from_epoch_number(number),
             Some(_) => Err(TimeError::WrongType),
         }
         .map_err(DecodeError::BadTimestamp)?;
-        let message_id = pointers
-            .message_id
-            .as_ref()
-            .and_then(|pointer| id_text(pointer.get(&document)));
-        let properties = take_object(&mut document, pointers.properties.as_ref(), "properties")?;
+        let message_id = id_text(fields.get(Field::MessageId));
+        let properties = take_object(&mut fields, Field::Properties, "properties")?;
         let traits = match kind {
-            EventKind::Identify => take_object(&mut document, pointers.traits.as_ref(), "traits")?,
+            EventKind::Identify => take_object(&mut fields, Field::Traits, "traits")?,
             EventKind::Activity { .. } => Map::new(),
         };
         Ok(Event {
@@ -293,6 +449,87 @@ impl Decoder {
             properties,
             traits,
         })
+    }
+}
+
+/// Deserializes a top-level JSON object into one slot per wanted key (the last occurrence wins,
+/// as in a parsed object); `None` for any other JSON value (still fully checked for syntax).
+struct SlotsSeed<'k> {
+    keys: &'k [String],
+    /// The properties slot and the keys of it to keep.
+    properties: Option<(usize, &'k [String])>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for SlotsSeed<'_> {
+    type Value = Option<Vec<Option<Value>>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SlotsSeed<'_> {
+    type Value = Option<Vec<Option<Value>>>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut values: Vec<Option<Value>> = vec![None; self.keys.len()];
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let name: &str = match &key {
+                Key::Borrowed(name) => name,
+                Key::Owned(name) => name,
+            };
+            match self.keys.iter().position(|wanted| wanted == name) {
+                Some(slot) => {
+                    let value = match self.properties {
+                        Some((properties, keep)) if properties == slot => {
+                            map.next_value_seed(Properties { keep })?
+                        }
+                        _ => map.next_value::<Value>()?,
+                    };
+                    values[slot] = Some(value);
+                }
+                None => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(values))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
@@ -496,14 +733,11 @@ fn id_text(value: Option<&Value>) -> Option<String> {
 }
 
 fn take_object(
-    document: &mut Value,
-    pointer: Option<&Pointer>,
+    fields: &mut impl Fields,
+    field: Field,
     what: &'static str,
 ) -> Result<Map<String, Value>, DecodeError> {
-    let Some(pointer) = pointer else {
-        return Ok(Map::new());
-    };
-    match pointer.take(document) {
+    match fields.take(field) {
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(map)) => Ok(map),
         Some(_) => Err(DecodeError::NotAnObject(what)),
@@ -516,6 +750,106 @@ mod tests {
 
     fn decoder() -> Decoder {
         Decoder::new(FieldMapping::default(), 65_536)
+    }
+
+    /// The same decoder forced onto the general path (a parsed object read through pointers).
+    fn general(decoder: &Decoder) -> Decoder {
+        Decoder {
+            slots: None,
+            ..decoder.clone()
+        }
+    }
+
+    /// The slot fast path must decide exactly what the general path decides, error included.
+    fn assert_same(decoder: &Decoder, input: &[u8]) {
+        assert!(
+            decoder.slots.is_some(),
+            "the mapping should take the fast path"
+        );
+        assert_eq!(
+            decoder.decode(input),
+            general(decoder).decode(input),
+            "{}",
+            String::from_utf8_lossy(input)
+        );
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_general_path_on_generated_traffic() {
+        let keys = vec!["revenue".to_string(), "cart_id".to_string()];
+        let filtered = decoder().with_property_keys(keys);
+        let config = crate::generate::GeneratorConfig {
+            customers: 500,
+            events: 5_000,
+            malformed_fraction: 0.1,
+            ..crate::generate::GeneratorConfig::default()
+        };
+        let mut malformed = 0;
+        for line in crate::generate::Generator::new(config) {
+            malformed += usize::from(decoder().decode(line.as_bytes()).is_err());
+            assert_same(&decoder(), line.as_bytes());
+            assert_same(&filtered, line.as_bytes());
+        }
+        assert!(
+            malformed > 100,
+            "the stream should hold bad input too ({malformed})"
+        );
+    }
+
+    proptest::proptest! {
+        /// Random objects over the mapping's keys (repeats, wrong types and nulls included).
+        #[test]
+        fn fast_path_agrees_on_random_objects(
+            fields in proptest::collection::vec((0usize..9, 0usize..12), 0..10)
+        ) {
+            const KEYS: [&str; 9] = [
+                "type", "event", "userId", "anonymousId", "timestamp", "messageId",
+                "properties", "traits", "context",
+            ];
+            const VALUES: [&str; 12] = [
+                r#""track""#, r#""identify""#, r#""page""#, r#""""#, r#""u-1""#, "17", "1.5",
+                "null", "true", r#"{"revenue":2,"cart_id":"c"}"#, "[1]",
+                r#""2026-11-01T09:00:00Z""#,
+            ];
+            let body: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("\"{}\":{}", KEYS[*k], VALUES[*v]))
+                .collect();
+            let input = format!("{{{}}}", body.join(","));
+            assert_same(&decoder(), input.as_bytes());
+            assert_same(
+                &decoder().with_property_keys(vec!["revenue".into()]),
+                input.as_bytes(),
+            );
+        }
+    }
+
+    #[test]
+    fn fast_path_agrees_on_edge_cases() {
+        let cases: &[&[u8]] = &[
+            br#"{"type":"track","event":"a","userId":"u","timestamp":1,"userId":"v"}"#,
+            br#"{"type":"track","event":"a","userId":"","anonymousId":5,"timestamp":1}"#,
+            br#"{"type":"track","event":"a","userId":1.5,"anonymousId":"x","timestamp":1}"#,
+            br#"{"type":"identify","userId":"u","timestamp":"2026-11-01T09:00:00Z","traits":null}"#,
+            br#"{"type":"identify","userId":"u","timestamp":1,"traits":[1]}"#,
+            br#"{"type":"track","event":"a","userId":"u","timestamp":1,"properties":"x"}"#,
+            br#"{"type":"track","event":"a","userId":"u","timestamp":1,"properties":null}"#,
+            br#"{"type":7,"event":"a","userId":"u","timestamp":1}"#,
+            br#"{"type":"track","event":"","userId":"u","timestamp":1}"#,
+            br#"{"type":"track","event":"a","userId":"u","timestamp":true}"#,
+            br#"{"type":"track","event":"a","userId":"u","timestamp":null}"#,
+            br#"{"type":"page","userId":"u","timestamp":1,"messageId":12}"#,
+            br#"{"type":"page","userId":"escaped","timestamp":1}"#,
+            br#"{"type":"track","event":"a","userId":"u","timestamp":1,"properties":{"revenue":1,"x":{"y":[1,2]}},"context":{"ip":"1"}}"#,
+            br#"{"type":"track","event":"a","userId":"u","timestamp":1} trailing"#,
+            br#"[{"userId":"u"}]"#,
+            b"42",
+            b"",
+            br#"{"userId":"u""#,
+        ];
+        for case in cases {
+            assert_same(&decoder(), case);
+        }
     }
 
     #[test]
