@@ -209,15 +209,20 @@ pub fn send(
     seq: u64,
     record: &OutboxRecord,
 ) -> Result<(), KafkaError> {
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-    for (name, value) in &record.headers {
-        headers = headers.insert(Header {
-            key: name,
-            value: Some(value),
-        });
-    }
     let mut base: BaseRecord<'_, [u8], [u8], Box<(i32, u64)>> =
-        BaseRecord::with_opaque_to(&record.topic, Box::new((partition, seq))).headers(headers);
+        BaseRecord::with_opaque_to(&record.topic, Box::new((partition, seq)));
+    // Only dead letters carry headers; an empty list would still be allocated by librdkafka
+    // for every change.
+    if !record.headers.is_empty() {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (name, value) in &record.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        base = base.headers(headers);
+    }
     if let Some(key) = &record.key {
         base = base.key(key.as_slice());
     }
