@@ -173,41 +173,46 @@ struct SlotLayout {
 }
 
 impl SlotLayout {
+    /// `None` when some pointer is not a single top-level key.
     fn of(pointers: &Pointers) -> Option<SlotLayout> {
         let mut keys: Vec<String> = Vec::new();
-        let mut slot = |pointer: &Pointer| -> Option<usize> {
-            let [key] = pointer.tokens.as_slice() else {
-                return None;
-            };
-            Some(match keys.iter().position(|k| k == key) {
-                Some(i) => i,
-                None => {
-                    keys.push(key.clone());
-                    keys.len() - 1
-                }
-            })
-        };
         let customer_id = pointers
             .customer_id
             .iter()
-            .map(&mut slot)
+            .map(|pointer| slot(&mut keys, pointer))
             .collect::<Option<Vec<usize>>>()?;
-        let event_type = pointers.event_type.as_ref().map(&mut slot);
-        let event_name = slot(&pointers.event_name)?;
-        let timestamp = slot(&pointers.timestamp)?;
-        let message_id = pointers.message_id.as_ref().map(&mut slot);
-        let properties = pointers.properties.as_ref().map(&mut slot);
-        let traits = pointers.traits.as_ref().map(&mut slot);
         Some(SlotLayout {
             customer_id,
-            event_type: event_type.map(|s| s.ok_or(())).transpose().ok()?,
-            event_name,
-            timestamp,
-            message_id: message_id.map(|s| s.ok_or(())).transpose().ok()?,
-            properties: properties.map(|s| s.ok_or(())).transpose().ok()?,
-            traits: traits.map(|s| s.ok_or(())).transpose().ok()?,
+            event_type: optional_slot(&mut keys, pointers.event_type.as_ref())?,
+            event_name: slot(&mut keys, &pointers.event_name)?,
+            timestamp: slot(&mut keys, &pointers.timestamp)?,
+            message_id: optional_slot(&mut keys, pointers.message_id.as_ref())?,
+            properties: optional_slot(&mut keys, pointers.properties.as_ref())?,
+            traits: optional_slot(&mut keys, pointers.traits.as_ref())?,
             keys,
         })
+    }
+}
+
+/// The slot of a single-key pointer (added to `keys` if new); `None` for any other pointer.
+fn slot(keys: &mut Vec<String>, pointer: &Pointer) -> Option<usize> {
+    let [key] = pointer.tokens.as_slice() else {
+        return None;
+    };
+    Some(match keys.iter().position(|k| k == key) {
+        Some(i) => i,
+        None => {
+            keys.push(key.clone());
+            keys.len() - 1
+        }
+    })
+}
+
+/// [`slot`] for an optional field: `Some(None)` when the mapping has no such field.
+fn optional_slot(keys: &mut Vec<String>, pointer: Option<&Pointer>) -> Option<Option<usize>> {
+    match pointer {
+        None => Some(None),
+        Some(pointer) => slot(keys, pointer).map(Some),
     }
 }
 
@@ -452,6 +457,44 @@ impl Decoder {
     }
 }
 
+/// The arms of an object visitor for every other JSON value: arrays are still read through (to
+/// check their syntax) and become `$other`, like any scalar; `null` becomes `$null`.
+macro_rules! non_objects_are {
+    ($other:expr, $null:expr) => {
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok($other)
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($null)
+        }
+    };
+}
+
 /// Deserializes a top-level JSON object into one slot per wanted key (the last occurrence wins,
 /// as in a parsed object); `None` for any other JSON value (still fully checked for syntax).
 struct SlotsSeed<'k> {
@@ -481,10 +524,7 @@ impl<'de> serde::de::Visitor<'de> for SlotsSeed<'_> {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut values: Vec<Option<Value>> = vec![None; self.keys.len()];
         while let Some(key) = map.next_key::<Key<'de>>()? {
-            let name: &str = match &key {
-                Key::Borrowed(name) => name,
-                Key::Owned(name) => name,
-            };
+            let name = key.as_str();
             match self.keys.iter().position(|wanted| wanted == name) {
                 Some(slot) => {
                     let value = match self.properties {
@@ -503,34 +543,7 @@ impl<'de> serde::de::Visitor<'de> for SlotsSeed<'_> {
         Ok(Some(values))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+    non_objects_are!(None, None);
 }
 
 /// Deserializes a top-level JSON object keeping only the `keep` keys; `None` for any other JSON
@@ -562,10 +575,7 @@ impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut kept = Map::new();
         while let Some(key) = map.next_key::<Key<'de>>()? {
-            let name: &str = match &key {
-                Key::Borrowed(name) => name,
-                Key::Owned(name) => name,
-            };
+            let name = key.as_str();
             if let Some((field, keys)) = self.properties.filter(|(field, _)| *field == name) {
                 let properties = map.next_value_seed(Properties { keep: keys })?;
                 kept.insert(field.to_string(), properties);
@@ -578,34 +588,7 @@ impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
         Ok(Some(Value::Object(kept)))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+    non_objects_are!(None, None);
 }
 
 /// The `properties` object with only the `keep` keys; any other JSON value becomes `false`
@@ -632,10 +615,7 @@ impl<'de> serde::de::Visitor<'de> for Properties<'_> {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut kept = Map::new();
         while let Some(key) = map.next_key::<Key<'de>>()? {
-            let name: &str = match &key {
-                Key::Borrowed(name) => name,
-                Key::Owned(name) => name,
-            };
+            let name = key.as_str();
             if self.keep.iter().any(|wanted| wanted == name) {
                 kept.insert(name.to_string(), map.next_value::<Value>()?);
             } else {
@@ -645,40 +625,22 @@ impl<'de> serde::de::Visitor<'de> for Properties<'_> {
         Ok(Value::Object(kept))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(Value::Bool(false))
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Value, E> {
-        Ok(Value::Bool(false))
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Value, E> {
-        Ok(Value::Bool(false))
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Value, E> {
-        Ok(Value::Bool(false))
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Value, E> {
-        Ok(Value::Bool(false))
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Value, E> {
-        Ok(Value::Bool(false))
-    }
-
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
+    non_objects_are!(Value::Bool(false), Value::Null);
 }
 
 /// An object key, borrowed from the input unless it contains escapes.
 enum Key<'de> {
     Borrowed(&'de str),
     Owned(String),
+}
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Key::Borrowed(name) => name,
+            Key::Owned(name) => name,
+        }
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for Key<'de> {
@@ -850,6 +812,12 @@ mod tests {
         for case in cases {
             assert_same(&decoder(), case);
         }
+        // A nested pointer anywhere keeps the whole mapping on the general path.
+        let nested = FieldMapping {
+            customer_id: vec!["/context/traits/id".into()],
+            ..FieldMapping::default()
+        };
+        assert!(Decoder::new(nested, 65_536).slots.is_none());
     }
 
     #[test]
