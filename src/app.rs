@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::decode::Decoder;
 use rdkafka::consumer::CommitMode;
 
 use crate::api::ServiceApi;
@@ -39,11 +38,7 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         board.clone(),
         metrics.clone(),
     )?);
-    let decoder = Decoder::new(
-        settings.input.mapping.clone(),
-        settings.input.max_event_bytes,
-    )
-    .with_property_keys(settings.program.layout.property_keys());
+    let decoder = settings.input_decoder();
     let topics = Topics {
         changes: settings.output.changes_topic.clone(),
         membership: settings.output.membership_topic.clone(),

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use segmenter::decode::Decoder;
 use segmenter::model::time::{format_duration, parse_cli_time};
 use segmenter::replay::{replay, ReplayJob};
 use segmenter::rules::Program;
@@ -259,10 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let job = ReplayJob {
                 program: settings.program.clone(),
-                decoder: Decoder::new(
-                    settings.input.mapping.clone(),
-                    settings.input.max_event_bytes,
-                ),
+                decoder: settings.input_decoder(),
                 engine: settings.engine,
                 state_dir: &dir,
                 until,

@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::decode::FieldMapping;
+use crate::decode::{Decoder, FieldMapping};
 use crate::engine::{ClockMode, EngineConfig};
 use crate::features::Limits;
 use crate::rules::error::line_col;
@@ -111,6 +111,15 @@ pub struct Settings {
     pub state: StateSettings,
     pub pipeline: PipelineSettings,
     pub http_listen: String,
+}
+
+impl Settings {
+    /// The input decoder: the configured mapping and size limit, keeping only the event
+    /// properties the compiled rules read. `run` and `replay` decode alike through it.
+    pub fn input_decoder(&self) -> Decoder {
+        Decoder::new(self.input.mapping.clone(), self.input.max_event_bytes)
+            .with_property_keys(self.program.layout.property_keys())
+    }
 }
 
 /// Reads and validates `path`, applying environment overrides from `env`.
