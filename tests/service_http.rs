@@ -554,33 +554,14 @@ fn metrics_and_every_route_after_known_traffic_including_erasure_and_restart() {
         422,
     );
     assert!(unkept.contains("Email Opened"), "{unkept}");
-    error_of(
-        http(
-            &address,
-            "POST",
-            "/segments/preview",
-            Some(("text/plain", "  ")),
-        ),
-        400,
-    );
-    error_of(
-        http(
-            &address,
-            "POST",
-            "/segments/preview",
-            Some(("application/json", "{\"rule\": 3}")),
-        ),
-        400,
-    );
-    error_of(
-        http(
-            &address,
-            "POST",
-            "/segments/preview",
-            Some(("application/json", "{not json")),
-        ),
-        400,
-    );
+    // An empty rule, a JSON body whose rule is not a string, a body that is not JSON.
+    for body in [
+        ("text/plain", "  "),
+        ("application/json", "{\"rule\": 3}"),
+        ("application/json", "{not json"),
+    ] {
+        error_of(http(&address, "POST", "/segments/preview", Some(body)), 400);
+    }
     assert_eq!(
         members_gauges(&scrape(&address)),
         expected_members,
