@@ -1,11 +1,16 @@
-//! The outbox: records decided by the engine (change events, membership updates, dead letters)
-//! are written to RocksDB in the same atomic batch as the state and the input offset that
-//! produced them, and deleted only once Kafka has acknowledged them. A crash between the two
-//! loses nothing: on restart the remaining records are published again, in order, with the
-//! same deterministic change ids.
+//! The outbox: what the engine decided (membership changes, dead letters) is written to RocksDB
+//! in the same atomic batch as the state and the input offset that produced it, and deleted only
+//! once Kafka has acknowledged every record it stands for. A crash between the two loses
+//! nothing: on restart the remaining entries are published again, in order, with the same
+//! deterministic change ids.
+//!
+//! A change is stored once, compactly ([`OutboxEntry::Change`], ~60 bytes), and becomes its two
+//! Kafka records — the change event and the membership update — only when it is published; a dead
+//! letter is stored as the record itself. Entries written by earlier versions (one generic record
+//! per Kafka record) are still read.
 
 use crate::model::time::format_rfc3339;
-use crate::model::{Change, ChangeKind};
+use crate::model::{Cause, Change, ChangeKind};
 
 /// The membership topic's value while a member.
 #[derive(serde::Serialize)]
@@ -15,6 +20,16 @@ struct MembershipValue<'a> {
     since: String,
     seq: u64,
     segment_version: &'a str,
+}
+
+/// One stored outbox entry: the unit of the outbox and of its acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxEntry {
+    /// A decided change: published as part 0, the change event, and part 1, the membership
+    /// update.
+    Change(Change),
+    /// A ready-made record (a dead letter, or an entry from an earlier version): part 0.
+    Record(OutboxRecord),
 }
 
 /// One message to publish.
@@ -27,6 +42,16 @@ pub struct OutboxRecord {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// A Kafka record to publish, borrowed from an outbox entry and the publisher's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    /// `None` is a tombstone.
+    pub payload: Option<&'a [u8]>,
+    pub headers: &'a [(String, Vec<u8>)],
+}
+
 /// Output topic names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
@@ -35,44 +60,174 @@ pub struct Topics {
     pub dlq: String,
 }
 
-impl OutboxRecord {
-    /// The change-topic record (SPEC §5): key = customer id.
-    pub fn change(topics: &Topics, change: &Change) -> OutboxRecord {
-        OutboxRecord {
-            topic: topics.changes.clone(),
-            key: Some(change.customer_id.as_bytes().to_vec()),
-            payload: Some(change.to_json_bytes()),
-            headers: Vec::new(),
+/// Buffers the publisher reuses to build the records of change entries.
+#[derive(Debug, Default)]
+pub struct PublishBuffers {
+    payload: Vec<u8>,
+    key: Vec<u8>,
+}
+
+/// Leading byte of each stored form. Earlier versions stored a bare [`OutboxRecord`], which starts
+/// with its topic's length as a big-endian `u32`, so with a zero byte (topics are < 256 bytes).
+const LEGACY_RECORD: u8 = 0;
+const CHANGE: u8 = 1;
+const RECORD: u8 = 2;
+
+impl OutboxEntry {
+    /// How many Kafka records this entry is published as.
+    pub fn parts(&self) -> u8 {
+        match self {
+            OutboxEntry::Change(_) => 2,
+            OutboxEntry::Record(_) => 1,
         }
     }
 
-    /// The compacted membership-topic record: key `customer_id/segment`, the current membership
-    /// as value, a tombstone on exit.
-    pub fn membership(topics: &Topics, change: &Change) -> OutboxRecord {
-        let key = format!("{}/{}", change.customer_id, change.segment).into_bytes();
-        let payload = match change.kind {
-            ChangeKind::Exited => None,
-            ChangeKind::Entered => {
-                let value = MembershipValue {
-                    customer_id: &change.customer_id,
-                    segment: &change.segment,
-                    since: format_rfc3339(change.at),
-                    seq: change.seq,
-                    segment_version: &change.segment_version,
+    /// Hands each of the entry's Kafka records, with its part number, to `send`, in order.
+    pub fn publish<E>(
+        &self,
+        topics: &Topics,
+        buffers: &mut PublishBuffers,
+        mut send: impl FnMut(u8, Publish<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match self {
+            OutboxEntry::Record(record) => send(0, record.as_publish()),
+            OutboxEntry::Change(change) => {
+                buffers.payload.clear();
+                change.write_json(&mut buffers.payload);
+                send(
+                    0,
+                    Publish {
+                        topic: &topics.changes,
+                        key: Some(change.customer_id.as_bytes()),
+                        payload: Some(&buffers.payload),
+                        headers: &[],
+                    },
+                )?;
+                buffers.key.clear();
+                membership_key(change, &mut buffers.key);
+                buffers.payload.clear();
+                let payload = match change.kind {
+                    ChangeKind::Exited => None,
+                    ChangeKind::Entered => {
+                        membership_value(change, &mut buffers.payload);
+                        Some(buffers.payload.as_slice())
+                    }
                 };
-                let mut out = Vec::with_capacity(192);
-                let _ = serde_json::to_writer(&mut out, &value);
-                Some(out)
+                send(
+                    1,
+                    Publish {
+                        topic: &topics.membership,
+                        key: Some(&buffers.key),
+                        payload,
+                        headers: &[],
+                    },
+                )
             }
-        };
-        OutboxRecord {
-            topic: topics.membership.clone(),
-            key: Some(key),
-            payload,
-            headers: Vec::new(),
         }
     }
 
+    /// Appends the stored form to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        match self {
+            OutboxEntry::Record(record) => {
+                out.push(RECORD);
+                record.encode_into(out);
+            }
+            OutboxEntry::Change(change) => {
+                out.push(CHANGE);
+                put_bytes(out, Some(change.customer_id.as_bytes()));
+                put_bytes(out, Some(change.segment.as_bytes()));
+                out.push(match change.kind {
+                    ChangeKind::Entered => 0,
+                    ChangeKind::Exited => 1,
+                });
+                out.extend_from_slice(&change.at.to_be_bytes());
+                out.extend_from_slice(&change.seq.to_be_bytes());
+                match &change.cause {
+                    Cause::Event { message_id: None } => out.push(0),
+                    Cause::Event {
+                        message_id: Some(id),
+                    } => {
+                        out.push(1);
+                        put_bytes(out, Some(id.as_bytes()));
+                    }
+                    Cause::Timer => out.push(2),
+                    Cause::Definition => out.push(3),
+                    Cause::Deleted => out.push(4),
+                }
+                put_bytes(out, Some(change.segment_version.as_bytes()));
+            }
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// The stored form back; `None` if it is corrupt.
+    pub fn decode(bytes: &[u8]) -> Option<OutboxEntry> {
+        match *bytes.first()? {
+            LEGACY_RECORD => OutboxRecord::decode(bytes).map(OutboxEntry::Record),
+            RECORD => OutboxRecord::decode(&bytes[1..]).map(OutboxEntry::Record),
+            CHANGE => {
+                let mut pos = 1;
+                let customer_id = take_string(bytes, &mut pos)?;
+                let segment = take_string(bytes, &mut pos)?;
+                let kind = match take_array::<1>(bytes, &mut pos)? {
+                    [0] => ChangeKind::Entered,
+                    [1] => ChangeKind::Exited,
+                    _ => return None,
+                };
+                let at = i64::from_be_bytes(take_array(bytes, &mut pos)?);
+                let seq = u64::from_be_bytes(take_array(bytes, &mut pos)?);
+                let cause = match take_array::<1>(bytes, &mut pos)? {
+                    [0] => Cause::Event { message_id: None },
+                    [1] => Cause::Event {
+                        message_id: Some(take_string(bytes, &mut pos)?),
+                    },
+                    [2] => Cause::Timer,
+                    [3] => Cause::Definition,
+                    [4] => Cause::Deleted,
+                    _ => return None,
+                };
+                let segment_version = take_string(bytes, &mut pos)?;
+                (pos == bytes.len()).then_some(OutboxEntry::Change(Change {
+                    customer_id,
+                    segment,
+                    kind,
+                    at,
+                    seq,
+                    cause,
+                    segment_version,
+                }))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The compacted membership topic's key: `customer_id/segment`.
+fn membership_key(change: &Change, out: &mut Vec<u8>) {
+    out.extend_from_slice(change.customer_id.as_bytes());
+    out.push(b'/');
+    out.extend_from_slice(change.segment.as_bytes());
+}
+
+/// The membership topic's value while a member (an exit is a tombstone).
+fn membership_value(change: &Change, out: &mut Vec<u8>) {
+    let value = MembershipValue {
+        customer_id: &change.customer_id,
+        segment: &change.segment,
+        since: format_rfc3339(change.at),
+        seq: change.seq,
+        segment_version: &change.segment_version,
+    };
+    let _ = serde_json::to_writer(out, &value);
+}
+
+impl OutboxRecord {
     /// A dead letter: the original message unchanged, with headers saying why and where from.
     pub fn dead_letter(
         topics: &Topics,
@@ -100,29 +255,35 @@ impl OutboxRecord {
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.payload.as_ref().map_or(0, Vec::len));
-        put_bytes(&mut out, Some(self.topic.as_bytes()));
-        put_bytes(&mut out, self.key.as_deref());
-        put_bytes(&mut out, self.payload.as_deref());
-        out.extend_from_slice(&(self.headers.len() as u32).to_be_bytes());
-        for (name, value) in &self.headers {
-            put_bytes(&mut out, Some(name.as_bytes()));
-            put_bytes(&mut out, Some(value));
+    pub fn as_publish(&self) -> Publish<'_> {
+        Publish {
+            topic: &self.topic,
+            key: self.key.as_deref(),
+            payload: self.payload.as_deref(),
+            headers: &self.headers,
         }
-        out
     }
 
-    pub fn decode(bytes: &[u8]) -> Option<OutboxRecord> {
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        put_bytes(out, Some(self.topic.as_bytes()));
+        put_bytes(out, self.key.as_deref());
+        put_bytes(out, self.payload.as_deref());
+        out.extend_from_slice(&(self.headers.len() as u32).to_be_bytes());
+        for (name, value) in &self.headers {
+            put_bytes(out, Some(name.as_bytes()));
+            put_bytes(out, Some(value));
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Option<OutboxRecord> {
         let mut pos = 0;
-        let topic = String::from_utf8(take_bytes(bytes, &mut pos)??).ok()?;
+        let topic = take_string(bytes, &mut pos)?;
         let key = take_bytes(bytes, &mut pos)?;
         let payload = take_bytes(bytes, &mut pos)?;
-        let count = u32::from_be_bytes(bytes.get(pos..pos + 4)?.try_into().ok()?);
-        pos += 4;
+        let count = u32::from_be_bytes(take_array(bytes, &mut pos)?);
         let mut headers = Vec::new();
         for _ in 0..count {
-            let name = String::from_utf8(take_bytes(bytes, &mut pos)??).ok()?;
+            let name = take_string(bytes, &mut pos)?;
             let value = take_bytes(bytes, &mut pos)??;
             headers.push((name, value));
         }
@@ -154,10 +315,15 @@ fn put_bytes(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     }
 }
 
+fn take_array<const N: usize>(bytes: &[u8], pos: &mut usize) -> Option<[u8; N]> {
+    let value = bytes.get(*pos..pos.checked_add(N)?)?.try_into().ok()?;
+    *pos += N;
+    Some(value)
+}
+
 /// `None` on truncation, `Some(None)` for an absent value.
 fn take_bytes(bytes: &[u8], pos: &mut usize) -> Option<Option<Vec<u8>>> {
-    let len = u32::from_be_bytes(bytes.get(*pos..*pos + 4)?.try_into().ok()?);
-    *pos += 4;
+    let len = u32::from_be_bytes(take_array(bytes, pos)?);
     if len == u32::MAX {
         return Some(None);
     }
@@ -167,10 +333,14 @@ fn take_bytes(bytes: &[u8], pos: &mut usize) -> Option<Option<Vec<u8>>> {
     Some(Some(value))
 }
 
+/// A present UTF-8 string; `None` if truncated, absent or not UTF-8.
+fn take_string(bytes: &[u8], pos: &mut usize) -> Option<String> {
+    String::from_utf8(take_bytes(bytes, pos)??).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Cause;
 
     fn topics() -> Topics {
         Topics {
@@ -180,20 +350,19 @@ mod tests {
         }
     }
 
-    fn change(kind: ChangeKind) -> Change {
+    fn change(kind: ChangeKind, cause: Cause) -> Change {
         Change {
             customer_id: "c-1".into(),
             segment: "vip".into(),
             kind,
             at: 1_000,
             seq: 2,
-            cause: Cause::Timer,
+            cause,
             segment_version: "v".into(),
         }
     }
 
-    #[test]
-    fn records_round_trip() {
+    fn dead_letter() -> OutboxRecord {
         let source = SourceRef {
             topic: "clicks",
             partition: 3,
@@ -201,24 +370,122 @@ mod tests {
             key: None,
             payload: Some(b"not json"),
         };
-        for record in [
-            OutboxRecord::change(&topics(), &change(ChangeKind::Entered)),
-            OutboxRecord::membership(&topics(), &change(ChangeKind::Exited)),
-            OutboxRecord::dead_letter(&topics(), &source, "not_json", "expected value"),
-        ] {
-            assert_eq!(OutboxRecord::decode(&record.encode()), Some(record.clone()));
+        OutboxRecord::dead_letter(&topics(), &source, "not_json", "expected value")
+    }
+
+    /// (part, topic, key, payload) of every record an entry is published as.
+    type Published = Vec<(u8, String, Option<Vec<u8>>, Option<Vec<u8>>)>;
+
+    /// Publishes `entries` in turn through one set of buffers.
+    fn published(entries: &[OutboxEntry]) -> Published {
+        let mut out = Vec::new();
+        let mut buffers = PublishBuffers::default();
+        for entry in entries {
+            let sent: Result<(), ()> = entry.publish(&topics(), &mut buffers, |part, record| {
+                out.push((
+                    part,
+                    record.topic.to_string(),
+                    record.key.map(<[u8]>::to_vec),
+                    record.payload.map(<[u8]>::to_vec),
+                ));
+                Ok(())
+            });
+            assert_eq!(sent, Ok(()));
         }
-        assert_eq!(OutboxRecord::decode(b"\x00\x00"), None);
+        out
     }
 
     #[test]
-    fn exit_is_a_membership_tombstone() {
-        let exit = OutboxRecord::membership(&topics(), &change(ChangeKind::Exited));
-        assert_eq!(exit.key.as_deref(), Some(&b"c-1/vip"[..]));
-        assert_eq!(exit.payload, None);
-        let enter = OutboxRecord::membership(&topics(), &change(ChangeKind::Entered));
+    fn entries_round_trip_and_truncation_is_detected() {
+        let entries = [
+            OutboxEntry::Change(change(ChangeKind::Entered, Cause::Timer)),
+            OutboxEntry::Change(change(
+                ChangeKind::Exited,
+                Cause::Event {
+                    message_id: Some("m-9".into()),
+                },
+            )),
+            OutboxEntry::Change(change(
+                ChangeKind::Entered,
+                Cause::Event { message_id: None },
+            )),
+            OutboxEntry::Change(change(ChangeKind::Exited, Cause::Definition)),
+            OutboxEntry::Change(change(ChangeKind::Exited, Cause::Deleted)),
+            OutboxEntry::Record(dead_letter()),
+        ];
+        for entry in entries {
+            let bytes = entry.encode();
+            assert_eq!(OutboxEntry::decode(&bytes), Some(entry.clone()));
+            for end in 0..bytes.len() {
+                assert_eq!(OutboxEntry::decode(&bytes[..end]), None, "prefix of {end}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(OutboxEntry::decode(&longer), None);
+        }
+        assert_eq!(OutboxEntry::decode(b"\x07"), None);
+    }
+
+    #[test]
+    fn records_stored_by_earlier_versions_are_read() {
+        // Earlier versions stored each Kafka record on its own, without a leading tag.
+        let record = dead_letter();
+        let mut legacy = Vec::new();
+        record.encode_into(&mut legacy);
+        assert_eq!(legacy[0], LEGACY_RECORD);
+        assert_eq!(
+            OutboxEntry::decode(&legacy),
+            Some(OutboxEntry::Record(record))
+        );
+    }
+
+    #[test]
+    fn a_change_is_published_as_its_event_and_its_membership() {
+        let enter = change(ChangeKind::Entered, Cause::Timer);
+        let mut exit = change(ChangeKind::Exited, Cause::Timer);
+        exit.customer_id = "c-22".into();
+        let records = published(&[
+            OutboxEntry::Change(enter.clone()),
+            OutboxEntry::Change(exit.clone()),
+        ]);
+        assert_eq!(records.len(), 4);
+        assert_eq!(
+            records[0],
+            (
+                0,
+                "c".into(),
+                Some(b"c-1".to_vec()),
+                Some(enter.to_json_bytes())
+            )
+        );
+        let (part, topic, key, payload) = &records[1];
+        assert_eq!((*part, topic.as_str()), (1, "m"));
+        assert_eq!(key.as_deref(), Some(&b"c-1/vip"[..]));
         let value: serde_json::Value =
-            serde_json::from_slice(enter.payload.as_deref().unwrap_or_default()).expect("json");
+            serde_json::from_slice(payload.as_deref().unwrap_or_default()).expect("json");
         assert_eq!(value["since"], "1970-01-01T00:00:01.000Z");
+        assert_eq!(value["seq"], 2);
+
+        // An exit is a membership tombstone; the reused buffers carry nothing over from the
+        // entry before.
+        assert_eq!(records[2].3, Some(exit.to_json_bytes()));
+        assert_eq!(records[3].2.as_deref(), Some(&b"c-22/vip"[..]));
+        assert_eq!(records[3].3, None);
+        assert_eq!(OutboxEntry::Change(exit).parts(), 2);
+    }
+
+    #[test]
+    fn a_dead_letter_is_published_as_is() {
+        let record = dead_letter();
+        let entry = OutboxEntry::Record(record.clone());
+        assert_eq!(entry.parts(), 1);
+        assert_eq!(
+            published(&[entry]),
+            vec![(0, "d".into(), None, record.payload.clone())]
+        );
+        let headers = record.as_publish().headers;
+        assert!(headers
+            .iter()
+            .any(|(name, value)| name == "source_offset" && value == b"42"));
     }
 }

@@ -810,9 +810,24 @@ rule = 'count("x", 4s) >= 1'
     }
     // The same firings in the metrics: at least these two timers fired (a re-check that
     // changes nothing also counts), each measured late by under 2.5 s.
+    // A change's latency is observed when the service collects Kafka's acknowledgement, which
+    // can come a few milliseconds after a reader already sees the record: scrape until both are
+    // in (or 5 s pass).
     let address = service.http_address();
-    let (status, text) = service::http(&address, "GET", "/metrics", None);
-    assert_eq!(status, 200);
+    let scrape_deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let (status, text) = service::http(&address, "GET", "/metrics", None);
+        assert_eq!(status, 200);
+        let observed = service::metric(
+            &text,
+            "segmenter_event_to_publish_seconds_count",
+            &[("cause", "timer")],
+        );
+        if observed >= Some(2.0) || Instant::now() >= scrape_deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let sample = |name: &str, labels: &[(&str, &str)]| {
         service::metric(&text, name, labels).unwrap_or_else(|| panic!("no {name} in {text}"))
     };

@@ -16,7 +16,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 
 use crate::metrics::Metrics;
-use crate::outbox::OutboxRecord;
+use crate::outbox::Publish;
 use crate::settings::KafkaSettings;
 
 pub mod consumer;
@@ -115,17 +115,24 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// One acknowledged Kafka record: part `part` of outbox entry `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub seq: u64,
+    pub part: u8,
+}
+
 /// Acknowledgements from the producer's delivery callback, per input partition, for the
 /// partition workers to collect.
 #[derive(Default)]
 pub struct AckBoard {
-    acked: Mutex<HashMap<i32, Vec<u64>>>,
+    acked: Mutex<HashMap<i32, Vec<Ack>>>,
     failed: Mutex<Vec<String>>,
 }
 
 impl AckBoard {
-    /// Outbox sequence numbers of `partition` acknowledged since the last call.
-    pub fn take(&self, partition: i32) -> Vec<u64> {
+    /// Records of `partition`'s outbox acknowledged since the last call.
+    pub fn take(&self, partition: i32) -> Vec<Ack> {
         match self.acked.lock() {
             Ok(mut acked) => acked.remove(&partition).unwrap_or_default(),
             Err(_) => Vec::new(),
@@ -140,6 +147,10 @@ impl AckBoard {
             .and_then(|failed| failed.first().cloned())
     }
 }
+
+/// Which record a delivery report is about: (input partition, outbox sequence number, part of
+/// the entry).
+type RecordRef = (i32, u64, u8);
 
 /// The producer's context: routes each delivery report to the [`AckBoard`].
 pub struct DeliveryContext {
@@ -160,15 +171,14 @@ impl ClientContext for DeliveryContext {
 }
 
 impl ProducerContext for DeliveryContext {
-    /// (input partition, outbox sequence number)
-    type DeliveryOpaque = Box<(i32, u64)>;
+    type DeliveryOpaque = Box<RecordRef>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
-        let (partition, seq) = *opaque;
+        let (partition, seq, part) = *opaque;
         match result {
             Ok(_) => {
                 if let Ok(mut acked) = self.board.acked.lock() {
-                    acked.entry(partition).or_default().push(seq);
+                    acked.entry(partition).or_default().push(Ack { seq, part });
                 }
             }
             Err((
@@ -178,20 +188,25 @@ impl ProducerContext for DeliveryContext {
                 _,
             )) => {
                 // Purged at shutdown: the record stays in the outbox and is published next time.
-                tracing::debug!(partition, seq, "unpublished record kept in the outbox");
+                tracing::debug!(
+                    partition,
+                    seq,
+                    part,
+                    "unpublished record kept in the outbox"
+                );
             }
             Err((error, _)) => {
                 // Retried forever otherwise (message.timeout.ms=0), so this is permanent (e.g.
                 // larger than the broker accepts). The record is NOT acknowledged: it stays in
                 // the outbox and the service stops with the reason instead of dropping it.
-                tracing::error!(partition, seq, %error, "delivery failed permanently");
+                tracing::error!(partition, seq, part, %error, "delivery failed permanently");
                 self.metrics
                     .publish_errors
                     .with_label_values(&["fatal"])
                     .inc();
                 if let Ok(mut failed) = self.board.failed.lock() {
                     failed.push(format!(
-                        "publishing partition {partition} outbox record {seq}: {error}"
+                        "publishing part {part} of partition {partition} outbox entry {seq}: {error}"
                     ));
                 }
             }
@@ -201,21 +216,22 @@ impl ProducerContext for DeliveryContext {
 
 pub type Producer = ThreadedProducer<DeliveryContext>;
 
-/// Enqueues one outbox record for delivery; its acknowledgement arrives on the [`AckBoard`]
-/// under (`partition`, `seq`). A full local queue means wait, never drop.
+/// Enqueues part `part` of outbox entry `seq` for delivery; its acknowledgement arrives on the
+/// [`AckBoard`] under `partition`. A full local queue means wait, never drop.
 pub fn send(
     producer: &Producer,
     partition: i32,
     seq: u64,
-    record: &OutboxRecord,
+    part: u8,
+    record: Publish<'_>,
 ) -> Result<(), KafkaError> {
-    let mut base: BaseRecord<'_, [u8], [u8], Box<(i32, u64)>> =
-        BaseRecord::with_opaque_to(&record.topic, Box::new((partition, seq)));
+    let mut base: BaseRecord<'_, [u8], [u8], Box<RecordRef>> =
+        BaseRecord::with_opaque_to(record.topic, Box::new((partition, seq, part)));
     // Only dead letters carry headers; an empty list would still be allocated by librdkafka
     // for every change.
     if !record.headers.is_empty() {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (name, value) in &record.headers {
+        for (name, value) in record.headers {
             headers = headers.insert(Header {
                 key: name,
                 value: Some(value),
@@ -223,11 +239,11 @@ pub fn send(
         }
         base = base.headers(headers);
     }
-    if let Some(key) = &record.key {
-        base = base.key(key.as_slice());
+    if let Some(key) = record.key {
+        base = base.key(key);
     }
-    if let Some(payload) = &record.payload {
-        base = base.payload(payload.as_slice());
+    if let Some(payload) = record.payload {
+        base = base.payload(payload);
     }
     loop {
         match producer.send(base) {

@@ -96,8 +96,16 @@ impl Change {
         String::from_utf8(self.to_json_bytes()).unwrap_or_default()
     }
 
-    /// The change-topic payload as bytes (what the outbox stores).
+    /// The change-topic payload as bytes.
     pub fn to_json_bytes(&self) -> Vec<u8> {
+        // Sized for a typical change (~250 bytes) so serialising does not reallocate.
+        let mut out = Vec::with_capacity(320);
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Appends the change-topic payload to `out` (a buffer the publisher reuses).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
         let message_id = match &self.cause {
             Cause::Event { message_id } => message_id.as_deref(),
             _ => None,
@@ -113,10 +121,7 @@ impl Change {
             message_id,
             segment_version: &self.segment_version,
         };
-        // Sized for a typical change (~250 bytes) so serialising does not reallocate.
-        let mut out = Vec::with_capacity(320);
-        let _ = serde_json::to_writer(&mut out, &wire);
-        out
+        let _ = serde_json::to_writer(out, &wire);
     }
 }
 

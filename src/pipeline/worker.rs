@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{ClockMode, EngineError, Outcome, PartitionEngine};
 use crate::kafka::consumer::{InputMessage, PartitionInput};
-use crate::kafka::{self, AckBoard, Producer};
+use crate::kafka::{self, Ack, AckBoard, Producer};
 use crate::metrics::{self, Metrics, SegmentSeries, TopicCounters};
 use crate::model::{Cause, Change, ChangeKind, Millis};
-use crate::outbox::{OutboxRecord, SourceRef};
+use crate::outbox::{OutboxEntry, OutboxRecord, PublishBuffers, SourceRef};
 use crate::store::{keys, RocksStore, Store, StoreError, Table, WriteSet};
 
 use super::merge::Merger;
@@ -76,17 +76,57 @@ impl Output {
     }
 }
 
-/// What the worker remembers about a record until Kafka acknowledges it.
+/// What the worker remembers about an outbox entry until Kafka acknowledges all its records.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
-    output: Output,
-    /// For change events: when the cause happened (the event's Kafka timestamp, the timer's
-    /// due time, the erasure request) and the cause's label — for the latency histogram.
+    /// The output of each part (a change: the change event, then the membership update).
+    outputs: [Output; 2],
+    parts: u8,
+    /// Bit `i` is set once part `i` is acknowledged.
+    acked: u8,
+    /// For changes: when the cause happened (the event's Kafka timestamp, the timer's due time,
+    /// the erasure request) and the cause's label — for the latency histogram, observed when
+    /// the change event (part 0) is acknowledged.
     origin: Option<(Millis, &'static str)>,
 }
 
-/// A record decided in this batch, with its metadata.
-type Decided = (OutboxRecord, Pending);
+impl Pending {
+    fn change(origin: Option<(Millis, &'static str)>) -> Pending {
+        Pending {
+            outputs: [Output::Changes, Output::Membership],
+            parts: 2,
+            acked: 0,
+            origin,
+        }
+    }
+
+    fn record(output: Output) -> Pending {
+        Pending {
+            outputs: [output, output],
+            parts: 1,
+            acked: 0,
+            origin: None,
+        }
+    }
+
+    /// Notes part `part` as acknowledged; its output if that is news (not a repeat, not a
+    /// part the entry does not have).
+    fn ack(&mut self, part: u8) -> Option<Output> {
+        let bit = 1u8.checked_shl(u32::from(part))?;
+        if part >= self.parts || self.acked & bit != 0 {
+            return None;
+        }
+        self.acked |= bit;
+        Some(self.outputs[usize::from(part)])
+    }
+
+    fn complete(&self) -> bool {
+        self.acked.count_ones() == u32::from(self.parts)
+    }
+}
+
+/// An outbox entry decided in this batch, with its metadata.
+type Decided = (OutboxEntry, Pending);
 
 pub struct Worker {
     partition: i32,
@@ -98,8 +138,11 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     next_seq: u64,
     unacked: BTreeMap<u64, Pending>,
+    /// Kafka records of `unacked` not yet acknowledged (what the backlog limit counts).
+    unacked_records: usize,
+    /// Entries whose records are all acknowledged, to delete at the next commit.
     acked: Vec<u64>,
-    /// Outbox records below this sequence number are deleted.
+    /// Outbox entries below this sequence number are deleted.
     outbox_floor: u64,
     /// (first outbox seq *not* covered, input offsets reached) per committed batch.
     commit_points: VecDeque<(u64, Vec<(String, i64)>)>,
@@ -122,6 +165,8 @@ pub struct Worker {
     ready: Vec<InputMessage>,
     records: Vec<Decided>,
     writes: WriteSet,
+    /// Reused to build the Kafka records of change entries.
+    publish_buffers: PublishBuffers,
 }
 
 impl Worker {
@@ -173,6 +218,7 @@ impl Worker {
             ready: Vec::new(),
             records: Vec::new(),
             writes: WriteSet::default(),
+            publish_buffers: PublishBuffers::default(),
             metrics: shared.metrics.clone(),
             producer: shared.producer.clone(),
             board: shared.board.clone(),
@@ -181,6 +227,7 @@ impl Worker {
             store,
             next_seq,
             unacked: BTreeMap::new(),
+            unacked_records: 0,
             acked: Vec::new(),
             outbox_floor: 0,
             commit_points: VecDeque::new(),
@@ -216,7 +263,7 @@ impl Worker {
         self.shared.consuming(self.partition);
         loop {
             self.collect_acks();
-            if self.unacked.len() >= self.shared.pipeline.max_outbox_backlog {
+            if self.unacked_records >= self.shared.pipeline.max_outbox_backlog {
                 // Kafka is slower than intake: stop taking input until the backlog drains.
                 std::thread::sleep(TICK);
                 self.tick()?;
@@ -274,22 +321,38 @@ impl Worker {
         }
         for (key, value) in pending {
             let seq = keys::parse_outbox(&key).ok_or(WorkerError::CorruptOutbox(0))?;
-            let record = OutboxRecord::decode(&value).ok_or(WorkerError::CorruptOutbox(seq))?;
+            let entry = OutboxEntry::decode(&value).ok_or(WorkerError::CorruptOutbox(seq))?;
             self.next_seq = self.next_seq.max(seq + 1);
-            kafka::send(&self.producer, self.partition, seq, &record)
-                .map_err(|e| WorkerError::Produce(e.to_string()))?;
-            let output = self.output_of(&record);
-            self.unacked.insert(
-                seq,
-                Pending {
-                    output,
-                    origin: None,
-                },
-            );
+            self.publish(seq, &entry)?;
+            let pending = match &entry {
+                OutboxEntry::Change(_) => Pending::change(None),
+                OutboxEntry::Record(record) => Pending::record(self.output_of(record)),
+            };
+            self.track(seq, pending);
         }
         Ok(())
     }
 
+    /// Remembers entry `seq`, handed to the producer, until all its records are acknowledged.
+    fn track(&mut self, seq: u64, pending: Pending) {
+        self.unacked_records += usize::from(pending.parts);
+        self.unacked.insert(seq, pending);
+    }
+
+    /// Hands every record of outbox entry `seq` to the producer.
+    fn publish(&mut self, seq: u64, entry: &OutboxEntry) -> Result<(), WorkerError> {
+        let producer = &self.producer;
+        let partition = self.partition;
+        entry
+            .publish(
+                &self.shared.topics,
+                &mut self.publish_buffers,
+                |part, record| kafka::send(producer, partition, seq, part, record),
+            )
+            .map_err(|e| WorkerError::Produce(e.to_string()))
+    }
+
+    /// The output a stored record goes to (entries of earlier versions hold every kind).
     fn output_of(&self, record: &OutboxRecord) -> Output {
         let topics = &self.shared.topics;
         if record.topic == topics.changes {
@@ -431,7 +494,7 @@ impl Worker {
             intake_lag_ms,
             apply_us = applied.as_micros() as u64,
             total_us = started.elapsed().as_micros() as u64,
-            unacked = self.unacked.len(),
+            unacked = self.unacked_records,
             "batch"
         );
         Ok(())
@@ -448,14 +511,13 @@ impl Worker {
         self.count_consumed(source.topic, metrics::Outcome::DeadLettered);
         self.metrics.dead_letters.with_label_values(&[reason]).inc();
         let record = OutboxRecord::dead_letter(&self.shared.topics, source, reason, detail);
-        let pending = Pending {
-            output: Output::DeadLetters,
-            origin: None,
-        };
-        (record, pending)
+        (
+            OutboxEntry::Record(record),
+            Pending::record(Output::DeadLetters),
+        )
     }
 
-    /// Turns the engine's changes into outbox records, members-index updates and metrics.
+    /// Turns the engine's changes into outbox entries, members-index updates and metrics.
     /// `origin` is when the triggering input happened (the event's Kafka timestamp, the erasure
     /// request); changes caused by time passing — also those fired just before an event, when
     /// the customer's own timer was due — are measured from their due time (`at`).
@@ -493,20 +555,7 @@ impl Worker {
                     (origin.unwrap_or(change.at), change.cause.as_str())
                 }
             };
-            records.push((
-                OutboxRecord::change(&self.shared.topics, &change),
-                Pending {
-                    output: Output::Changes,
-                    origin: Some(origin),
-                },
-            ));
-            records.push((
-                OutboxRecord::membership(&self.shared.topics, &change),
-                Pending {
-                    output: Output::Membership,
-                    origin: None,
-                },
-            ));
+            records.push((OutboxEntry::Change(change), Pending::change(Some(origin))));
         }
     }
 
@@ -547,9 +596,9 @@ impl Worker {
         Ok(())
     }
 
-    /// One atomic write: engine state, new outbox records, input offsets, deletion of
-    /// acknowledged records. Only then are the new records handed to the producer; `records`
-    /// is left empty.
+    /// One atomic write: engine state, new outbox entries, input offsets, deletion of
+    /// acknowledged entries. Only then are the new entries' records handed to the producer;
+    /// `records` is left empty.
     fn commit(&mut self, records: &mut Vec<Decided>) -> Result<(), WorkerError> {
         let p = self.partition as u32;
         let mut writes = std::mem::take(&mut self.writes);
@@ -573,10 +622,10 @@ impl Worker {
             self.outbox_floor = first_unacked;
         }
         let mut encoded = Vec::with_capacity(records.len());
-        for (record, _) in records.iter() {
+        for (entry, _) in records.iter() {
             let seq = self.next_seq;
             self.next_seq += 1;
-            writes.put(Table::Outbox, keys::outbox(p, seq), record.encode());
+            writes.put(Table::Outbox, keys::outbox(p, seq), entry.encode());
             encoded.push(seq);
         }
         writes.put(
@@ -601,10 +650,9 @@ impl Worker {
         self.store.write_ref(&writes)?;
         writes.clear();
         self.writes = writes;
-        for (seq, (record, pending)) in encoded.into_iter().zip(records.drain(..)) {
-            kafka::send(&self.producer, self.partition, seq, &record)
-                .map_err(|e| WorkerError::Produce(e.to_string()))?;
-            self.unacked.insert(seq, pending);
+        for (seq, (entry, pending)) in encoded.into_iter().zip(records.drain(..)) {
+            self.publish(seq, &entry)?;
+            self.track(seq, pending);
         }
         if self.next_seq > first || !reached.is_empty() {
             self.commit_points.push_back((self.next_seq, reached));
@@ -618,7 +666,7 @@ impl Worker {
         self.metrics
             .outbox_pending
             .with_label_values(&[&label])
-            .set(self.unacked.len() as i64);
+            .set(self.unacked_records as i64);
         Ok(())
     }
 
@@ -628,27 +676,34 @@ impl Worker {
             return;
         }
         let now = self.wall_clock();
-        for seq in acked {
-            let Some(pending) = self.unacked.remove(&seq) else {
+        for Ack { seq, part } in acked {
+            let Some(pending) = self.unacked.get_mut(&seq) else {
                 continue;
             };
-            self.acked.push(seq);
+            let Some(output) = pending.ack(part) else {
+                continue;
+            };
+            self.unacked_records -= 1;
             self.metrics
                 .published
-                .with_label_values(&[pending.output.label()])
+                .with_label_values(&[output.label()])
                 .inc();
-            if let Some((origin, cause)) = pending.origin {
+            if let (0, Some((origin, cause))) = (part, pending.origin) {
                 self.metrics
                     .event_to_publish_seconds
                     .with_label_values(&[cause])
                     .observe((now - origin).max(0) as f64 / 1000.0);
+            }
+            if pending.complete() {
+                self.unacked.remove(&seq);
+                self.acked.push(seq);
             }
         }
         self.publish_offsets();
         self.metrics
             .outbox_pending
             .with_label_values(&[&self.partition.to_string()])
-            .set(self.unacked.len() as i64);
+            .set(self.unacked_records as i64);
     }
 
     /// Input offsets whose outbox records are all acknowledged may be committed to Kafka.
@@ -681,7 +736,7 @@ impl Worker {
         if !self.unacked.is_empty() {
             tracing::warn!(
                 partition = self.partition,
-                unpublished = self.unacked.len(),
+                unpublished = self.unacked_records,
                 "stopping with unpublished records; they stay in the outbox"
             );
         }
@@ -779,4 +834,33 @@ fn open_members_index(
         counts.push(store.count_prefix(Table::Members, &prefix)? as i64);
     }
     Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_entry_completes_when_both_its_records_are_acknowledged() {
+        let mut pending = Pending::change(Some((5, "event")));
+        assert!(!pending.complete());
+        assert_eq!(pending.ack(1), Some(Output::Membership));
+        assert!(!pending.complete());
+        // A repeated acknowledgement and a part the entry does not have are not news.
+        assert_eq!(pending.ack(1), None);
+        assert_eq!(pending.ack(2), None);
+        assert_eq!(pending.ack(200), None);
+        assert!(!pending.complete());
+        assert_eq!(pending.ack(0), Some(Output::Changes));
+        assert!(pending.complete());
+    }
+
+    #[test]
+    fn a_record_entry_completes_with_its_one_record() {
+        let mut pending = Pending::record(Output::DeadLetters);
+        assert_eq!(pending.ack(1), None);
+        assert!(!pending.complete());
+        assert_eq!(pending.ack(0), Some(Output::DeadLetters));
+        assert!(pending.complete());
+    }
 }
