@@ -33,7 +33,7 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         .collect();
     let metrics = Metrics::new(&settings.program.version, &segment_ids);
     let board = Arc::new(AckBoard::default());
-    let producer = Arc::new(kafka::producer(
+    let publisher = Arc::new(kafka::Publisher::new(
         &settings.kafka,
         board.clone(),
         metrics.clone(),
@@ -49,7 +49,7 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         settings.engine,
         store,
         decoder,
-        producer.clone(),
+        publisher.clone(),
         board,
         topics.clone(),
         settings.pipeline,
@@ -134,7 +134,7 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     let (polled, deadline) = outcome;
     // Records still queued stay in the outbox and are published at the next start.
     let remaining = deadline.saturating_duration_since(Instant::now());
-    rdkafka::producer::Producer::flush(&*producer, remaining.max(Duration::from_millis(100))).ok();
+    publisher.flush(remaining.max(Duration::from_millis(100)));
     polled?;
     if let Some(reason) = dispatcher.failure_reason() {
         anyhow::bail!("stopped after a failure: {reason}");

@@ -198,8 +198,10 @@ impl Metrics {
             publish_errors: counter_vec(
                 "segmenter_publish_errors_total",
                 "Producer errors: transport (a broker unreachable or a connection lost; \
-                 retried, nothing is dropped) and fatal (Kafka refused a record for good; it \
-                 stays in the outbox and the service stops).",
+                 retried, nothing is dropped), producer_reset (the idempotent producer failed \
+                 as a whole, e.g. out of sequence with a broker that lost records; it was \
+                 replaced and unacknowledged records were published again) and fatal (Kafka \
+                 refused a record for good; it stays in the outbox and the service stops).",
                 &["kind"],
             ),
             rebalances: counter_vec(
@@ -249,7 +251,7 @@ impl Metrics {
         for output in ["changes", "membership", "dlq"] {
             metrics.published.with_label_values(&[output]);
         }
-        for kind in ["transport", "fatal"] {
+        for kind in ["transport", "producer_reset", "fatal"] {
             metrics.publish_errors.with_label_values(&[kind]);
         }
         Arc::new(metrics)

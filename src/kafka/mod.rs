@@ -2,7 +2,8 @@
 //! delivery acknowledgements, topic checks and creation.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -128,6 +129,8 @@ pub struct Ack {
 pub struct AckBoard {
     acked: Mutex<HashMap<i32, Vec<Ack>>>,
     failed: Mutex<Vec<String>>,
+    /// One more than the highest producer generation that hit a fatal error (0: none).
+    fatal: AtomicU64,
 }
 
 impl AckBoard {
@@ -137,6 +140,17 @@ impl AckBoard {
             Ok(mut acked) => acked.remove(&partition).unwrap_or_default(),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// The highest producer generation that hit a fatal error, if any.
+    pub fn fatal_generation(&self) -> Option<u64> {
+        self.fatal.load(Ordering::Acquire).checked_sub(1)
+    }
+
+    /// Producer `generation` hit a fatal error: it accepts nothing more and must be replaced.
+    pub fn report_fatal(&self, generation: u64) {
+        self.fatal
+            .fetch_max(generation.saturating_add(1), Ordering::AcqRel);
     }
 
     /// The first permanent delivery failure, if any.
@@ -156,12 +170,20 @@ type RecordRef = (i32, u64, u8);
 pub struct DeliveryContext {
     pub board: Arc<AckBoard>,
     pub metrics: Arc<Metrics>,
+    /// Which producer of the [`Publisher`] this is.
+    pub generation: u64,
 }
 
 impl ClientContext for DeliveryContext {
     /// Client-level errors (a broker unreachable, a connection lost): librdkafka retries them
-    /// itself; records wait in its queue and, beyond that, in the outbox.
+    /// itself; records wait in its queue and, beyond that, in the outbox. A fatal error of the
+    /// idempotent producer is reported to the board: the producer is replaced.
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(%error, reason, generation = self.generation, "producer fatal error; it will be replaced");
+            self.board.report_fatal(self.generation);
+            return;
+        }
         self.metrics
             .publish_errors
             .with_label_values(&["transport"])
@@ -194,6 +216,17 @@ impl ProducerContext for DeliveryContext {
                     part,
                     "unpublished record kept in the outbox"
                 );
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::Fatal), _)) => {
+                // The producer failed as a whole (see `Publisher`): the record stays in the
+                // outbox and is published again by its replacement.
+                tracing::debug!(
+                    partition,
+                    seq,
+                    part,
+                    "record of a failed producer kept in the outbox"
+                );
+                self.board.report_fatal(self.generation);
             }
             Err((error, _)) => {
                 // Retried forever otherwise (message.timeout.ms=0), so this is permanent (e.g.
@@ -257,15 +290,115 @@ pub fn send(
     }
 }
 
-/// Creates the idempotent producer.
+/// Whether a `send` failed because the producer as a whole did (see [`Publisher`]).
+pub fn is_fatal(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+}
+
+/// Creates an idempotent producer (generation `generation` of a [`Publisher`]).
 pub fn producer(
     settings: &KafkaSettings,
     board: Arc<AckBoard>,
     metrics: Arc<Metrics>,
+    generation: u64,
 ) -> Result<Producer, KafkaSetupError> {
     producer_config(settings)
-        .create_with_context(DeliveryContext { board, metrics })
+        .create_with_context(DeliveryContext {
+            board,
+            metrics,
+            generation,
+        })
         .map_err(client("creating the producer"))
+}
+
+/// The service's idempotent producer, replaceable. librdkafka turns some broker misbehaviour — a
+/// sequence desynchronisation, as after a broker lost records it had acknowledged — into a fatal
+/// error after which the producer accepts nothing. The publisher then creates a fresh one (a new
+/// producer id, generation + 1) and every partition worker hands its unacknowledged outbox
+/// entries to it again: duplicates at worst, with the same change ids, never a loss.
+pub struct Publisher {
+    settings: KafkaSettings,
+    board: Arc<AckBoard>,
+    metrics: Arc<Metrics>,
+    generation: AtomicU64,
+    current: RwLock<Arc<Producer>>,
+}
+
+impl Publisher {
+    pub fn new(
+        settings: &KafkaSettings,
+        board: Arc<AckBoard>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Publisher, KafkaSetupError> {
+        let first = producer(settings, board.clone(), metrics.clone(), 0)?;
+        Ok(Publisher {
+            settings: settings.clone(),
+            board,
+            metrics,
+            generation: AtomicU64::new(0),
+            current: RwLock::new(Arc::new(first)),
+        })
+    }
+
+    /// The current producer's generation (cheap: workers check it every loop).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The current producer and its generation.
+    pub fn current(&self) -> (u64, Arc<Producer>) {
+        let current = match self.current.read() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Both under the lock, which a renewal holds while it changes them.
+        (self.generation(), current.clone())
+    }
+
+    /// Replaces the producer if it hit a fatal error and has not been replaced yet (several
+    /// workers may notice the same failure; one replacement serves them all).
+    pub fn renew_if_failed(&self) -> Result<(), KafkaSetupError> {
+        let Some(failed) = self.board.fatal_generation() else {
+            return Ok(());
+        };
+        if failed < self.generation() {
+            return Ok(());
+        }
+        let mut current = match self.current.write() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let generation = self.generation();
+        if failed < generation {
+            return Ok(());
+        }
+        let next = generation + 1;
+        let fresh = producer(
+            &self.settings,
+            self.board.clone(),
+            self.metrics.clone(),
+            next,
+        )?;
+        // The failed producer is dropped by whoever holds it last; what it still had queued is
+        // purged (the entries stay in the outbox).
+        *current = Arc::new(fresh);
+        self.generation.store(next, Ordering::Release);
+        self.metrics
+            .publish_errors
+            .with_label_values(&["producer_reset"])
+            .inc();
+        tracing::warn!(
+            generation = next,
+            "replaced the producer after a fatal error; unacknowledged records are published again"
+        );
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the current producer's queue to drain.
+    pub fn flush(&self, timeout: Duration) {
+        let (_, producer) = self.current();
+        rdkafka::producer::Producer::flush(&*producer, timeout).ok();
+    }
 }
 
 /// Partition count of every input topic; they must all be equal (co-partitioned).

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::decode::Decoder;
 use crate::engine::EngineConfig;
 use crate::kafka::consumer::{InputMessage, InputSink, PartitionInput};
-use crate::kafka::{AckBoard, Producer};
+use crate::kafka::{AckBoard, Publisher};
 use crate::metrics::Metrics;
 use crate::model::{Change, Millis};
 use crate::outbox::Topics;
@@ -32,7 +32,7 @@ pub struct Shared {
     pub engine: EngineConfig,
     pub store: Arc<RocksStore>,
     pub decoder: Decoder,
-    pub producer: Arc<Producer>,
+    pub publisher: Arc<Publisher>,
     pub board: Arc<AckBoard>,
     pub topics: Topics,
     pub pipeline: PipelineSettings,
@@ -67,7 +67,7 @@ impl Shared {
         engine: EngineConfig,
         store: Arc<RocksStore>,
         decoder: Decoder,
-        producer: Arc<Producer>,
+        publisher: Arc<Publisher>,
         board: Arc<AckBoard>,
         topics: Topics,
         pipeline: PipelineSettings,
@@ -80,7 +80,7 @@ impl Shared {
             engine,
             store,
             decoder,
-            producer,
+            publisher,
             board,
             topics,
             pipeline,

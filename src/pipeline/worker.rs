@@ -133,7 +133,9 @@ pub struct Worker {
     shared: Arc<Shared>,
     engine: PartitionEngine<RocksStore>,
     store: Arc<RocksStore>,
+    /// The publisher's producer this worker sends to, and its generation.
     producer: Arc<Producer>,
+    generation: u64,
     board: Arc<AckBoard>,
     metrics: Arc<Metrics>,
     next_seq: u64,
@@ -193,6 +195,7 @@ impl Worker {
             shared.pipeline.batch_size * MERGE_BATCHES,
         );
         let members = open_members_index(p, &shared, &store)?;
+        let (generation, producer) = shared.publisher.current();
         let segment_series: Vec<SegmentSeries> = shared
             .program
             .segments
@@ -220,7 +223,8 @@ impl Worker {
             writes: WriteSet::default(),
             publish_buffers: PublishBuffers::default(),
             metrics: shared.metrics.clone(),
-            producer: shared.producer.clone(),
+            producer,
+            generation,
             board: shared.board.clone(),
             shared,
             engine,
@@ -262,6 +266,7 @@ impl Worker {
         self.resend_outbox()?;
         self.shared.consuming(self.partition);
         loop {
+            self.follow_producer()?;
             self.collect_acks();
             if self.unacked_records >= self.shared.pipeline.max_outbox_backlog {
                 // Kafka is slower than intake: stop taking input until the backlog drains.
@@ -323,7 +328,7 @@ impl Worker {
             let seq = keys::parse_outbox(&key).ok_or(WorkerError::CorruptOutbox(0))?;
             let entry = OutboxEntry::decode(&value).ok_or(WorkerError::CorruptOutbox(seq))?;
             self.next_seq = self.next_seq.max(seq + 1);
-            self.publish(seq, &entry)?;
+            self.publish(seq, &entry, 0)?;
             let pending = match &entry {
                 OutboxEntry::Change(_) => Pending::change(None),
                 OutboxEntry::Record(record) => Pending::record(self.output_of(record)),
@@ -339,17 +344,66 @@ impl Worker {
         self.unacked.insert(seq, pending);
     }
 
-    /// Hands every record of outbox entry `seq` to the producer.
-    fn publish(&mut self, seq: u64, entry: &OutboxEntry) -> Result<(), WorkerError> {
+    /// Hands every record of outbox entry `seq` to the producer but those already acknowledged
+    /// (`acked`: bit `i` for part `i`). If the producer has failed as a whole, the entry waits
+    /// for its replacement ([`Self::follow_producer`]).
+    fn publish(&mut self, seq: u64, entry: &OutboxEntry, acked: u8) -> Result<(), WorkerError> {
         let producer = &self.producer;
         let partition = self.partition;
-        entry
-            .publish(
-                &self.shared.topics,
-                &mut self.publish_buffers,
-                |part, record| kafka::send(producer, partition, seq, part, record),
-            )
-            .map_err(|e| WorkerError::Produce(e.to_string()))
+        let sent = entry.publish(
+            &self.shared.topics,
+            &mut self.publish_buffers,
+            |part, record| {
+                if acked & 1u8.checked_shl(u32::from(part)).unwrap_or(0) != 0 {
+                    return Ok(());
+                }
+                kafka::send(producer, partition, seq, part, record)
+            },
+        );
+        match sent {
+            Ok(()) => Ok(()),
+            Err(error) if kafka::is_fatal(&error) => {
+                self.shared.board.report_fatal(self.generation);
+                Ok(())
+            }
+            Err(error) => Err(WorkerError::Produce(error.to_string())),
+        }
+    }
+
+    /// After the producer failed as a whole and was replaced (see [`kafka::Publisher`]): hands
+    /// every unacknowledged record of this partition to the new producer, in outbox order.
+    fn follow_producer(&mut self) -> Result<(), WorkerError> {
+        let publisher = &self.shared.publisher;
+        publisher
+            .renew_if_failed()
+            .map_err(|e| WorkerError::Produce(e.to_string()))?;
+        if publisher.generation() == self.generation {
+            return Ok(());
+        }
+        let (generation, producer) = publisher.current();
+        self.producer = producer;
+        self.generation = generation;
+        let p = self.partition as u32;
+        let stored = self
+            .store
+            .scan_prefix(Table::Outbox, &keys::partition_prefix(p))?;
+        let mut republished = 0;
+        for (key, value) in stored {
+            let seq = keys::parse_outbox(&key).ok_or(WorkerError::CorruptOutbox(0))?;
+            let Some(acked) = self.unacked.get(&seq).map(|pending| pending.acked) else {
+                continue;
+            };
+            let entry = OutboxEntry::decode(&value).ok_or(WorkerError::CorruptOutbox(seq))?;
+            self.publish(seq, &entry, acked)?;
+            republished += 1;
+        }
+        tracing::info!(
+            partition = self.partition,
+            generation,
+            entries = republished,
+            "outbox handed to the new producer"
+        );
+        Ok(())
     }
 
     /// The output a stored record goes to (entries of earlier versions hold every kind).
@@ -651,7 +705,7 @@ impl Worker {
         writes.clear();
         self.writes = writes;
         for (seq, (entry, pending)) in encoded.into_iter().zip(records.drain(..)) {
-            self.publish(seq, &entry)?;
+            self.publish(seq, &entry, 0)?;
             self.track(seq, pending);
         }
         if self.next_seq > first || !reached.is_empty() {
@@ -731,6 +785,7 @@ impl Worker {
     fn drain(&mut self, deadline: Instant) -> Result<(), WorkerError> {
         while !self.unacked.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
+            self.follow_producer()?;
             self.collect_acks();
         }
         if !self.unacked.is_empty() {
@@ -839,6 +894,12 @@ fn open_members_index(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Cause;
+    use crate::outbox::Topics;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::Producer as _;
+    use rdkafka::{ClientConfig, Message};
 
     #[test]
     fn a_change_entry_completes_when_both_its_records_are_acknowledged() {
@@ -862,5 +923,160 @@ mod tests {
         assert!(!pending.complete());
         assert_eq!(pending.ack(0), Some(Output::DeadLetters));
         assert!(pending.complete());
+    }
+
+    fn change(customer: &str, seq: u64) -> Change {
+        Change {
+            customer_id: customer.into(),
+            segment: "buyer".into(),
+            kind: ChangeKind::Entered,
+            at: 1_000 + seq as i64,
+            seq: 1,
+            cause: Cause::Timer,
+            segment_version: "v1".into(),
+        }
+    }
+
+    /// librdkafka's idempotent producer can fail as a whole (seen with tansu: "sequence
+    /// desynchronization with broker"); it then accepts nothing. The worker must not stop: the
+    /// publisher replaces the producer and the worker hands its outbox to the new one.
+    #[test]
+    fn after_the_producer_fails_as_a_whole_the_outbox_goes_out_through_a_new_one() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let brokers = cluster.bootstrap_servers();
+        for topic in ["segment-changes", "segment-membership", "segmenter-dlq"] {
+            cluster.create_topic(topic, 1, 1).expect("creating a topic");
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("segmenter.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\n\n\
+                 [state]\ndir = \"{}\"\n\n[[segment]]\nid = \"buyer\"\nrule = 'count(\"Order Completed\", 7d) >= 1'\n",
+                dir.path().join("state").display()
+            ),
+        )
+        .expect("writing the config");
+        let settings = crate::settings::load(&config, &[]).expect("valid config");
+        let store = Arc::new(
+            RocksStore::open(&settings.state.dir, Default::default()).expect("opening the store"),
+        );
+        // What a previous run left in partition 0's outbox: three changes.
+        let changes: Vec<Change> = (0..3).map(|i| change(&format!("c-{i}"), i)).collect();
+        let mut writes = WriteSet::default();
+        for (seq, change) in changes.iter().enumerate() {
+            let entry = OutboxEntry::Change(change.clone());
+            writes.put(Table::Outbox, keys::outbox(0, seq as u64), entry.encode());
+        }
+        store.write(writes).expect("writing the outbox");
+
+        let metrics = Metrics::new(&settings.program.version, &["buyer".to_string()]);
+        let board = Arc::new(AckBoard::default());
+        let publisher = Arc::new(
+            kafka::Publisher::new(&settings.kafka, board.clone(), metrics.clone())
+                .expect("producer"),
+        );
+        // The first producer fails before it delivers anything.
+        let (generation, first) = publisher.current();
+        assert_eq!(generation, 0);
+        let reason = c"injected by the test";
+        // SAFETY: a live client handle and a NUL-terminated string that outlives the call.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                first.client().native_ptr(),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
+        drop(first);
+        let topics = Topics {
+            changes: "segment-changes".into(),
+            membership: "segment-membership".into(),
+            dlq: "segmenter-dlq".into(),
+        };
+        let shared = Arc::new(Shared::new(
+            settings.program.clone(),
+            settings.engine,
+            store.clone(),
+            settings.input_decoder(),
+            publisher.clone(),
+            board,
+            topics,
+            settings.pipeline,
+            settings.max_future_skew,
+            settings.input.topics.clone(),
+            metrics,
+        ));
+        let worker = Worker::open(0, shared.clone(), Vec::new()).expect("opening the worker");
+        let (to_worker, inputs) = std::sync::mpsc::sync_channel(4);
+        let running = std::thread::spawn(move || worker.run(inputs));
+
+        // Every entry acknowledged (and so deleted), through the second producer.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = store
+                .scan_prefix(Table::Outbox, &keys::partition_prefix(0))
+                .expect("scanning the outbox");
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} outbox entries left after 30 s (failure: {:?})",
+                left.len(),
+                shared.failure.lock().ok().and_then(|f| f.clone())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (reply, stopped) = std::sync::mpsc::sync_channel(1);
+        to_worker
+            .send(WorkerInput::Stop {
+                deadline: Instant::now() + Duration::from_secs(5),
+                reply,
+            })
+            .expect("worker alive");
+        stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("worker stopped");
+        running.join().expect("worker thread");
+        assert_eq!(shared.failure.lock().ok().and_then(|f| f.clone()), None);
+        assert_eq!(
+            publisher.generation(),
+            1,
+            "the failed producer was replaced once"
+        );
+
+        // What reached Kafka: every change event (a record the first producer had delivered
+        // could be there twice, with the same id), and every membership update.
+        let read = |topic: &str| -> Vec<Vec<u8>> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", format!("reader-{topic}"))
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .expect("reader");
+            consumer.subscribe(&[topic]).expect("subscribing");
+            let mut keys = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while keys.len() < changes.len() && Instant::now() < deadline {
+                if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                    keys.push(message.key().unwrap_or_default().to_vec());
+                }
+            }
+            keys.sort();
+            keys.dedup();
+            keys
+        };
+        let expected: Vec<Vec<u8>> = changes
+            .iter()
+            .map(|c| c.customer_id.as_bytes().to_vec())
+            .collect();
+        assert_eq!(read("segment-changes"), expected);
+        let expected: Vec<Vec<u8>> = changes
+            .iter()
+            .map(|c| format!("{}/buyer", c.customer_id).into_bytes())
+            .collect();
+        assert_eq!(read("segment-membership"), expected);
     }
 }
