@@ -404,6 +404,11 @@ impl InputProducer {
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "60000")
+            // tansu on S3 storage was seen to take pipelined produce requests out of order
+            // under load ("sequence desynchronization", a fatal error for an idempotent
+            // producer). The service recovers from that (kafka::Publisher); the test input
+            // need not depend on it: one request in flight.
+            .set("max.in.flight.requests.per.connection", "1")
             .create_with_context(DeliveryCounter::default())
             .expect("creating the test producer");
         InputProducer { producer, sent: 0 }
