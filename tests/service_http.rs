@@ -688,6 +688,10 @@ fn metrics_and_every_route_after_known_traffic_including_erasure_and_restart() {
     wait_ready(&address);
     let text = scrape(&address);
     assert_eq!(members_gauges(&text), after_erasure, "after restart");
+    assert!(
+        !service.log_text().contains("members counted by scanning"),
+        "the counts were stored with the index, not recounted"
+    );
     assert_eq!(value(&text, "segmenter_assigned_partitions", &[]), 2.0);
     let segments = get_json(&address, "/segments", 200);
     assert_eq!(segments["segments"][1]["members"], json!(9), "{segments}");

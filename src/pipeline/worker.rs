@@ -155,6 +155,8 @@ pub struct Worker {
     inputs: Vec<PartitionInput>,
     /// Members per segment (definition order) in this partition, mirrored in the gauge.
     members: Vec<i64>,
+    /// Segments whose count changed since the last commit (stored with the index entries).
+    members_changed: Vec<bool>,
     /// Metric series resolved once: per segment (definition order) and per input topic.
     segment_series: Vec<SegmentSeries>,
     topic_counters: Vec<TopicCounters>,
@@ -215,6 +217,7 @@ impl Worker {
             topic_counters,
             partition,
             merger,
+            members_changed: vec![false; members.len()],
             members,
             index_writes: WriteSet::default(),
             intake: Vec::new(),
@@ -596,6 +599,7 @@ impl Worker {
             };
             if let Some(idx) = idx {
                 self.members[idx] += delta;
+                self.members_changed[idx] = true;
                 let series = &self.segment_series[idx];
                 series.members.add(delta);
                 match change.kind {
@@ -659,6 +663,22 @@ impl Worker {
         writes.clear();
         self.engine.take_writes_into(&mut writes);
         writes.append(&mut self.index_writes);
+        for ((segment, count), changed) in self
+            .shared
+            .program
+            .segments
+            .iter()
+            .zip(&self.members)
+            .zip(&mut self.members_changed)
+        {
+            if std::mem::take(changed) {
+                writes.put(
+                    Table::Meta,
+                    keys::members_count(p, &segment.id),
+                    count.to_be_bytes().to_vec(),
+                );
+            }
+        }
         let first = self.next_seq;
         // Everything below the first unacknowledged record is acknowledged: one range deletion
         // (acknowledgements arrive out of order across output partitions; the few beyond the
@@ -803,7 +823,8 @@ impl Worker {
 const REBUILD_CHUNK: usize = 50_000;
 
 /// Opens the partition's members index: rebuilt from the stored states when it was built for
-/// other definitions (or never), then counted per segment.
+/// other definitions (or never). Returns the members per segment: stored with the index (or, for
+/// an index written before counts were stored, counted once and stored).
 fn open_members_index(
     partition: u32,
     shared: &Shared,
@@ -823,6 +844,7 @@ fn open_members_index(
             prefix.clone(),
             keys::partition_prefix(partition + 1),
         );
+        let mut counts = vec![0_i64; program.segments.len()];
         let mut write_failure = None;
         let layout = crate::store::codec::StateLayout::of(program);
         let mut old_layouts = HashMap::new();
@@ -847,8 +869,14 @@ fn open_members_index(
                 }
             };
             customers += 1;
-            for (segment, membership) in program.segments.iter().zip(&state.memberships) {
+            for ((segment, membership), count) in program
+                .segments
+                .iter()
+                .zip(&state.memberships)
+                .zip(&mut counts)
+            {
                 if membership.member {
+                    *count += 1;
                     writes.put(
                         Table::Members,
                         keys::member(partition, &segment.id, customer),
@@ -870,6 +898,20 @@ fn open_members_index(
         if let Some(error) = write_failure {
             return Err(error.into());
         }
+        // The counts and the version key come last, in one write.
+        let count_prefix = keys::members_count_prefix(partition);
+        let mut count_end = count_prefix.clone();
+        if let Some(last) = count_end.last_mut() {
+            *last += 1;
+        }
+        writes.delete_range(Table::Meta, count_prefix, count_end);
+        for (segment, count) in program.segments.iter().zip(&counts) {
+            writes.put(
+                Table::Meta,
+                keys::members_count(partition, &segment.id),
+                count.to_be_bytes().to_vec(),
+            );
+        }
         writes.put(
             Table::Meta,
             version_key,
@@ -884,9 +926,30 @@ fn open_members_index(
         );
     }
     let mut counts = Vec::with_capacity(program.segments.len());
+    let mut counted = WriteSet::default();
     for segment in &program.segments {
-        let prefix = keys::members_prefix(partition, &segment.id);
-        counts.push(store.count_prefix(Table::Members, &prefix)? as i64);
+        let key = keys::members_count(partition, &segment.id);
+        let stored = store
+            .get(Table::Meta, &key)?
+            .and_then(|bytes| bytes.as_slice().try_into().ok().map(i64::from_be_bytes));
+        let count = match stored {
+            Some(count) => count,
+            None => {
+                let prefix = keys::members_prefix(partition, &segment.id);
+                let count = store.count_prefix(Table::Members, &prefix)? as i64;
+                counted.put(Table::Meta, key, count.to_be_bytes().to_vec());
+                count
+            }
+        };
+        counts.push(count);
+    }
+    if !counted.is_empty() {
+        // An index written before counts were stored: counted once, from now on kept.
+        tracing::info!(
+            partition,
+            "members counted by scanning the index; counts stored"
+        );
+        store.write(counted)?;
     }
     Ok(counts)
 }
@@ -937,31 +1000,138 @@ mod tests {
         }
     }
 
+    /// A worker's surroundings: a mock Kafka cluster with the output topics, a RocksDB store in a
+    /// temp dir, and the shared state for one `buyer` segment.
+    struct Fixture {
+        _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        brokers: String,
+        _dir: tempfile::TempDir,
+        store: Arc<RocksStore>,
+        shared: Arc<Shared>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let cluster = MockCluster::new(1).expect("mock cluster");
+            let brokers = cluster.bootstrap_servers();
+            for topic in ["segment-changes", "segment-membership", "segmenter-dlq"] {
+                cluster.create_topic(topic, 1, 1).expect("creating a topic");
+            }
+            let dir = tempfile::tempdir().expect("temp dir");
+            let config = dir.path().join("segmenter.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\n\n\
+                     [state]\ndir = \"{}\"\n\n[[segment]]\nid = \"buyer\"\nrule = 'count(\"Order Completed\", 7d) >= 1'\n",
+                    dir.path().join("state").display()
+                ),
+            )
+            .expect("writing the config");
+            let settings = crate::settings::load(&config, &[]).expect("valid config");
+            let store = Arc::new(
+                RocksStore::open(&settings.state.dir, Default::default())
+                    .expect("opening the store"),
+            );
+            let metrics = Metrics::new(&settings.program.version, &["buyer".to_string()]);
+            let board = Arc::new(AckBoard::default());
+            let publisher = Arc::new(
+                kafka::Publisher::new(&settings.kafka, board.clone(), metrics.clone())
+                    .expect("producer"),
+            );
+            let topics = Topics {
+                changes: "segment-changes".into(),
+                membership: "segment-membership".into(),
+                dlq: "segmenter-dlq".into(),
+            };
+            let shared = Arc::new(Shared::new(
+                settings.program.clone(),
+                settings.engine,
+                store.clone(),
+                settings.input_decoder(),
+                publisher,
+                board,
+                topics,
+                settings.pipeline,
+                settings.max_future_skew,
+                settings.input.topics.clone(),
+                metrics,
+            ));
+            Fixture {
+                _cluster: cluster,
+                brokers,
+                _dir: dir,
+                store,
+                shared,
+            }
+        }
+    }
+
+    /// A members index written before counts were stored is counted once; afterwards the
+    /// stored count is what a partition opens with.
+    #[test]
+    fn member_counts_are_stored_and_an_index_without_them_is_counted_once() {
+        let fx = Fixture::new();
+        let (store, shared) = (&fx.store, &fx.shared);
+        let mut writes = WriteSet::default();
+        writes.put(
+            Table::Meta,
+            keys::members_version(0),
+            shared.program.version.as_bytes().to_vec(),
+        );
+        for customer in ["a", "b", "c"] {
+            writes.put(
+                Table::Members,
+                keys::member(0, "buyer", customer),
+                1_000_i64.to_be_bytes().to_vec(),
+            );
+        }
+        store
+            .write(writes)
+            .expect("writing an index without counts");
+        assert_eq!(open_members_index(0, shared, store).expect("open"), vec![3]);
+        let stored = store
+            .get(Table::Meta, &keys::members_count(0, "buyer"))
+            .expect("reading the count");
+        assert_eq!(stored, Some(3_i64.to_be_bytes().to_vec()));
+
+        // From now on the stored count is read, not the index: a count written with the
+        // index entries (as every commit does) is what the next open returns.
+        let mut writes = WriteSet::default();
+        writes.put(
+            Table::Members,
+            keys::member(0, "buyer", "d"),
+            1_000_i64.to_be_bytes().to_vec(),
+        );
+        writes.put(
+            Table::Meta,
+            keys::members_count(0, "buyer"),
+            4_i64.to_be_bytes().to_vec(),
+        );
+        store.write(writes).expect("a commit");
+        assert_eq!(open_members_index(0, shared, store).expect("open"), vec![4]);
+
+        // New definitions rebuild the index from the states (none here) and their counts.
+        let mut writes = WriteSet::default();
+        writes.put(Table::Meta, keys::members_version(0), b"older".to_vec());
+        store.write(writes).expect("older definitions");
+        assert_eq!(open_members_index(0, shared, store).expect("open"), vec![0]);
+        assert_eq!(
+            store
+                .count_prefix(Table::Members, &keys::members_prefix(0, "buyer"))
+                .expect("count"),
+            0
+        );
+    }
+
     /// librdkafka's idempotent producer can fail as a whole (seen with tansu: "sequence
     /// desynchronization with broker"); it then accepts nothing. The worker must not stop: the
     /// publisher replaces the producer and the worker hands its outbox to the new one.
     #[test]
     fn after_the_producer_fails_as_a_whole_the_outbox_goes_out_through_a_new_one() {
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        let brokers = cluster.bootstrap_servers();
-        for topic in ["segment-changes", "segment-membership", "segmenter-dlq"] {
-            cluster.create_topic(topic, 1, 1).expect("creating a topic");
-        }
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config = dir.path().join("segmenter.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\n\n\
-                 [state]\ndir = \"{}\"\n\n[[segment]]\nid = \"buyer\"\nrule = 'count(\"Order Completed\", 7d) >= 1'\n",
-                dir.path().join("state").display()
-            ),
-        )
-        .expect("writing the config");
-        let settings = crate::settings::load(&config, &[]).expect("valid config");
-        let store = Arc::new(
-            RocksStore::open(&settings.state.dir, Default::default()).expect("opening the store"),
-        );
+        let fx = Fixture::new();
+        let (brokers, store, shared) = (&fx.brokers, &fx.store, &fx.shared);
+        let publisher = shared.publisher.clone();
         // What a previous run left in partition 0's outbox: three changes.
         let changes: Vec<Change> = (0..3).map(|i| change(&format!("c-{i}"), i)).collect();
         let mut writes = WriteSet::default();
@@ -971,12 +1141,6 @@ mod tests {
         }
         store.write(writes).expect("writing the outbox");
 
-        let metrics = Metrics::new(&settings.program.version, &["buyer".to_string()]);
-        let board = Arc::new(AckBoard::default());
-        let publisher = Arc::new(
-            kafka::Publisher::new(&settings.kafka, board.clone(), metrics.clone())
-                .expect("producer"),
-        );
         // The first producer fails before it delivers anything.
         let (generation, first) = publisher.current();
         assert_eq!(generation, 0);
@@ -990,24 +1154,6 @@ mod tests {
             );
         }
         drop(first);
-        let topics = Topics {
-            changes: "segment-changes".into(),
-            membership: "segment-membership".into(),
-            dlq: "segmenter-dlq".into(),
-        };
-        let shared = Arc::new(Shared::new(
-            settings.program.clone(),
-            settings.engine,
-            store.clone(),
-            settings.input_decoder(),
-            publisher.clone(),
-            board,
-            topics,
-            settings.pipeline,
-            settings.max_future_skew,
-            settings.input.topics.clone(),
-            metrics,
-        ));
         let worker = Worker::open(0, shared.clone(), Vec::new()).expect("opening the worker");
         let (to_worker, inputs) = std::sync::mpsc::sync_channel(4);
         let running = std::thread::spawn(move || worker.run(inputs));
@@ -1051,7 +1197,7 @@ mod tests {
         // could be there twice, with the same id), and every membership update.
         let read = |topic: &str| -> Vec<Vec<u8>> {
             let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
+                .set("bootstrap.servers", brokers)
                 .set("group.id", format!("reader-{topic}"))
                 .set("auto.offset.reset", "earliest")
                 .create()

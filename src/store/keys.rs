@@ -41,6 +41,23 @@ pub fn members_version(partition: u32) -> Vec<u8> {
     key
 }
 
+/// `members_count/partition(4)/segment` in Meta: how many members `segment` has in the
+/// partition, written in the same batch as the index entries it counts, so a partition opens
+/// without scanning its index.
+pub fn members_count(partition: u32, segment: &str) -> Vec<u8> {
+    let mut key = members_count_prefix(partition);
+    key.extend_from_slice(segment.as_bytes());
+    key
+}
+
+/// `members_count/partition(4)/`: the prefix of a partition's member counts.
+pub fn members_count_prefix(partition: u32) -> Vec<u8> {
+    let mut key = b"members_count/".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.push(b'/');
+    key
+}
+
 /// `partition(4)`: the prefix of all of a partition's keys.
 pub fn partition_prefix(partition: u32) -> Vec<u8> {
     partition.to_be_bytes().to_vec()
