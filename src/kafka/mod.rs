@@ -179,8 +179,13 @@ impl ClientContext for DeliveryContext {
     /// itself; records wait in its queue and, beyond that, in the outbox. A fatal error of the
     /// idempotent producer is reported to the board: the producer is replaced.
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
-            tracing::error!(%error, reason, generation = self.generation, "producer fatal error; it will be replaced");
+        if is_fatal(&error) {
+            tracing::error!(
+                %error,
+                reason,
+                generation = self.generation,
+                "producer fatal error; it will be replaced"
+            );
             self.board.report_fatal(self.generation);
             return;
         }
