@@ -127,6 +127,19 @@ fn send(
     }
 }
 
+/// Creates a benchmark topic with [`PARTITIONS`] partitions.
+fn create_topic(
+    runtime: &tokio::runtime::Runtime,
+    admin: &AdminClient<DefaultClientContext>,
+    name: &str,
+) -> anyhow::Result<()> {
+    runtime.block_on(admin.create_topics(
+        &[NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1))],
+        &AdminOptions::new(),
+    ))?;
+    Ok(())
+}
+
 fn assigned_consumer(brokers: &str, topic: &str, group: &str) -> anyhow::Result<BaseConsumer> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -284,10 +297,7 @@ fn main() -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()?;
-    runtime.block_on(admin.create_topics(
-        &[NewTopic::new(INPUT, PARTITIONS, TopicReplication::Fixed(1))],
-        &AdminOptions::new(),
-    ))?;
+    create_topic(&runtime, &admin, INPUT)?;
 
     let producer = producer(&brokers)?;
     if let Some(rate) = args.only_broker {
@@ -390,14 +400,7 @@ fn main() -> anyhow::Result<()> {
     stop(child);
     caught_up?;
     let load_topic = "bench-load";
-    runtime.block_on(admin.create_topics(
-        &[NewTopic::new(
-            load_topic,
-            PARTITIONS,
-            TopicReplication::Fixed(1),
-        )],
-        &AdminOptions::new(),
-    ))?;
+    create_topic(&runtime, &admin, load_topic)?;
     let http_port = free_port()?;
     let child = start_service(
         &brokers,
@@ -534,10 +537,7 @@ fn bare_relay(
     records_per_event: f64,
 ) -> anyhow::Result<f64> {
     let topic = "bench-relay";
-    runtime.block_on(admin.create_topics(
-        &[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))],
-        &AdminOptions::new(),
-    ))?;
+    create_topic(runtime, admin, topic)?;
     let consumer = assigned_consumer(brokers, INPUT, "bench-relay")?;
     let producer = producer(brokers)?;
     let payload = "x".repeat(260);
@@ -594,14 +594,7 @@ fn broker_alone(
     args: &Args,
 ) -> anyhow::Result<()> {
     let baseline_topic = "bench-roundtrip";
-    runtime.block_on(admin.create_topics(
-        &[NewTopic::new(
-            baseline_topic,
-            PARTITIONS,
-            TopicReplication::Fixed(1),
-        )],
-        &AdminOptions::new(),
-    ))?;
+    create_topic(runtime, admin, baseline_topic)?;
     let reader = assigned_consumer(brokers, baseline_topic, "bench-roundtrip")?;
     warm_up(&reader);
     let (sent, mut round_trips) = open_loop(
