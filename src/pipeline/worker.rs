@@ -12,6 +12,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus::{Histogram, IntCounter, IntGauge};
+
 use crate::engine::{ClockMode, EngineError, Outcome, PartitionEngine};
 use crate::kafka::consumer::{InputMessage, PartitionInput};
 use crate::kafka::{self, Ack, AckBoard, Producer};
@@ -128,6 +130,44 @@ impl Pending {
 /// An outbox entry decided in this batch, with its metadata.
 type Decided = (OutboxEntry, Pending);
 
+/// The partition's metric series that batches and acknowledgements update, resolved once (a
+/// label lookup hashes the labels and takes a lock; acknowledgements arrive per record).
+struct PartitionSeries {
+    timers_pending: IntGauge,
+    timers_overdue: IntGauge,
+    outbox_pending: IntGauge,
+    /// Indexed by [`Output`].
+    published: [IntCounter; 3],
+    /// Event → publish latency per cause label, resolved as causes appear.
+    latency: Vec<(&'static str, Histogram)>,
+}
+
+impl PartitionSeries {
+    fn of(metrics: &Metrics, partition: i32) -> PartitionSeries {
+        let label = partition.to_string();
+        PartitionSeries {
+            timers_pending: metrics.timers_pending.with_label_values(&[&label]),
+            timers_overdue: metrics.timers_overdue.with_label_values(&[&label]),
+            outbox_pending: metrics.outbox_pending.with_label_values(&[&label]),
+            published: [Output::Changes, Output::Membership, Output::DeadLetters]
+                .map(|output| metrics.published.with_label_values(&[output.label()])),
+            latency: Vec::new(),
+        }
+    }
+
+    fn latency(&mut self, metrics: &Metrics, cause: &'static str) -> &Histogram {
+        let at = match self.latency.iter().position(|(label, _)| *label == cause) {
+            Some(at) => at,
+            None => {
+                let histogram = metrics.event_to_publish_seconds.with_label_values(&[cause]);
+                self.latency.push((cause, histogram));
+                self.latency.len() - 1
+            }
+        };
+        &self.latency[at].1
+    }
+}
+
 pub struct Worker {
     partition: i32,
     shared: Arc<Shared>,
@@ -160,6 +200,7 @@ pub struct Worker {
     /// Metric series resolved once: per segment (definition order) and per input topic.
     segment_series: Vec<SegmentSeries>,
     topic_counters: Vec<TopicCounters>,
+    series: PartitionSeries,
     /// Members-index updates decided since the last commit.
     index_writes: WriteSet,
     /// Per-batch buffers, cleared and reused so a batch neither grows fresh vectors nor touches
@@ -213,6 +254,7 @@ impl Worker {
             .map(|topic| shared.metrics.topic_counters(topic))
             .collect();
         Ok(Worker {
+            series: PartitionSeries::of(&shared.metrics, partition),
             segment_series,
             topic_counters,
             partition,
@@ -626,10 +668,7 @@ impl Worker {
         self.engine
             .advance_bounded(now, self.shared.pipeline.timer_slice, &mut self.changes)?;
         let overdue = self.engine.due_timers(now, 100_000);
-        self.metrics
-            .timers_overdue
-            .with_label_values(&[&self.partition.to_string()])
-            .set(overdue as i64);
+        self.series.timers_overdue.set(overdue as i64);
         for due in self.engine.take_fired() {
             self.metrics.timers_fired.inc();
             self.metrics
@@ -732,15 +771,10 @@ impl Worker {
             self.commit_points.push_back((self.next_seq, reached));
         }
         self.publish_offsets();
-        let label = self.partition.to_string();
-        self.metrics
+        self.series
             .timers_pending
-            .with_label_values(&[&label])
             .set(self.engine.pending_timers() as i64);
-        self.metrics
-            .outbox_pending
-            .with_label_values(&[&label])
-            .set(self.unacked_records as i64);
+        self.series.outbox_pending.set(self.unacked_records as i64);
         Ok(())
     }
 
@@ -758,14 +792,10 @@ impl Worker {
                 continue;
             };
             self.unacked_records -= 1;
-            self.metrics
-                .published
-                .with_label_values(&[output.label()])
-                .inc();
+            self.series.published[output as usize].inc();
             if let (0, Some((origin, cause))) = (part, pending.origin) {
-                self.metrics
-                    .event_to_publish_seconds
-                    .with_label_values(&[cause])
+                self.series
+                    .latency(&self.metrics, cause)
                     .observe((now - origin).max(0) as f64 / 1000.0);
             }
             if pending.complete() {
@@ -774,10 +804,7 @@ impl Worker {
             }
         }
         self.publish_offsets();
-        self.metrics
-            .outbox_pending
-            .with_label_values(&[&self.partition.to_string()])
-            .set(self.unacked_records as i64);
+        self.series.outbox_pending.set(self.unacked_records as i64);
     }
 
     /// Input offsets whose outbox records are all acknowledged may be committed to Kafka.
