@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine or a warm one:
-#   installs what is missing (libclang for RocksDB's bindgen), then runs
+#   installs what is missing (scripts/deps.sh: libclang for RocksDB's bindgen, OpenSSL headers
+#   for librdkafka's TLS, stunnel for the TLS tests), then runs
 #   cargo fmt --check, cargo clippy -D warnings and every test, all in the release profile so
 #   RocksDB's C++ is compiled once (~18 min cold on 2 cores) and reused from the cache dir.
 set -euo pipefail
@@ -12,11 +13,22 @@ mkdir -p "$CARGO_TARGET_DIR"
 
 step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
-if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
-  step "installing libclang-dev (RocksDB bindgen)"
+step "system packages (detection proved on fake roots first)"
+./scripts/test-deps.sh
+# shellcheck source=scripts/deps.sh
+source scripts/deps.sh
+mapfile -t missing < <(missing_packages)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends libclang-dev >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Each install must prove itself with the same check that asked for it.
+  mapfile -t still < <(missing_packages)
+  if [ "${#still[@]}" -gt 0 ]; then
+    echo "still missing after apt-get install: ${still[*]}" >&2
+    exit 1
+  fi
 fi
 
 step "tansu broker for the Kafka tests (pinned, hash-checked, cached)"
