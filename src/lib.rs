@@ -21,21 +21,33 @@
 //!   members index, wall timers); `app`: wiring and ordered shutdown of `segmenter run`.
 //! - `metrics`: every Prometheus metric, in one place; `api`: what the HTTP routes answer
 //!   (reads from RocksDB, erasure through the owning worker); `http`: the axum routes.
+//!
+//! The modules that need RocksDB, Kafka, tokio, axum or prometheus are behind the default
+//! `service` feature; without it the crate is the pure core that `fuzz/` builds.
 
+#[cfg(feature = "service")]
 pub mod api;
+#[cfg(feature = "service")]
 pub mod app;
 pub mod decode;
+#[cfg(feature = "service")]
 pub mod demo;
 pub mod engine;
 pub mod features;
 pub mod generate;
+#[cfg(feature = "service")]
 pub mod http;
+#[cfg(feature = "service")]
 pub mod kafka;
+#[cfg(feature = "service")]
 pub mod loadgen;
+#[cfg(feature = "service")]
 pub mod metrics;
 pub mod model;
 pub mod outbox;
+#[cfg(feature = "service")]
 pub mod pipeline;
+#[cfg(feature = "service")]
 pub mod replay;
 pub mod rules;
 pub mod settings;

@@ -5,9 +5,11 @@
 pub mod codec;
 pub mod keys;
 pub mod memory;
+#[cfg(feature = "service")]
 pub mod rocks;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "service")]
 pub use rocks::RocksStore;
 
 /// The logical tables (RocksDB column families).
