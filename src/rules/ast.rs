@@ -9,6 +9,29 @@ use super::error::Span;
 pub struct Expr {
     pub kind: ExprKind,
     pub span: Span,
+    /// Levels in this tree, a leaf being 1. The parser keeps it at most
+    /// [`super::parser::MAX_DEPTH`], which bounds every recursion over the tree (compile,
+    /// eval, explain, `Display`, drop).
+    pub depth: u32,
+}
+
+impl ExprKind {
+    /// The depth of a node of this kind over its (already built) children.
+    pub fn depth(&self) -> u32 {
+        let children = match self {
+            ExprKind::Since(inner)
+            | ExprKind::Not(inner)
+            | ExprKind::Neg(inner)
+            | ExprKind::IsNull { expr: inner, .. } => inner.depth,
+            ExprKind::Binary { lhs, rhs, .. } => lhs.depth.max(rhs.depth),
+            ExprKind::In { expr, list } => list
+                .iter()
+                .map(|item| item.depth)
+                .fold(expr.depth, u32::max),
+            _ => 0,
+        };
+        children.saturating_add(1)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -205,6 +205,9 @@ fn string_literal(text: &str, start: usize) -> Result<(String, usize), RuleError
             '\\' => match chars.next() {
                 Some((_, 'n')) => value.push('\n'),
                 Some((_, 't')) => value.push('\t'),
+                Some((_, 'r')) => value.push('\r'),
+                Some((_, '0')) => value.push('\0'),
+                Some((_, 'u')) => value.push(unicode_escape(&mut chars, pos)?),
                 Some((_, escaped)) => value.push(escaped),
                 None => break,
             },
@@ -215,6 +218,41 @@ fn string_literal(text: &str, start: usize) -> Result<(String, usize), RuleError
         Span::new(start, text.len()),
         "string is not closed",
     ))
+}
+
+/// The `{HEX}` after `\\u` (1 to 6 hex digits naming a Unicode scalar value): the escapes the
+/// canonical text (Rust's `Debug` of a string) writes for characters it does not print.
+fn unicode_escape(
+    chars: &mut std::str::CharIndices<'_>,
+    escape_at: usize,
+) -> Result<char, RuleError> {
+    let invalid = || {
+        RuleError::new(
+            Span::new(escape_at, escape_at + 2),
+            "expected \\u{HEX} with 1 to 6 hex digits naming a character",
+        )
+    };
+    if chars.next().map(|(_, ch)| ch) != Some('{') {
+        return Err(invalid());
+    }
+    let mut code = 0u32;
+    let mut digits = 0;
+    loop {
+        let (_, ch) = chars.next().ok_or_else(invalid)?;
+        if ch == '}' {
+            break;
+        }
+        let digit = ch.to_digit(16).ok_or_else(invalid)?;
+        digits += 1;
+        if digits > 6 {
+            return Err(invalid());
+        }
+        code = code * 16 + digit;
+    }
+    if digits == 0 {
+        return Err(invalid());
+    }
+    char::from_u32(code).ok_or_else(invalid)
 }
 
 #[cfg(test)]
@@ -267,5 +305,32 @@ mod tests {
     #[test]
     fn unclosed_string() {
         assert!(tokenize("last(\"A) > 1").is_err());
+    }
+
+    /// The canonical text writes strings as Rust's `Debug` does (`\0`, `\r`, `\u{7f}`, …);
+    /// the lexer reads every such escape back to the same string (the rules fuzz target found
+    /// `"E[\0il"` read back as `"E[0il"`).
+    #[test]
+    fn debug_escaped_strings_read_back_unchanged() {
+        for original in [
+            "E[\0il Opened",
+            "tab\tnew\nline\rcr",
+            "quote \" and backslash \\ and 'single'",
+            "\u{7f}\u{1b}[0m\u{200b}\u{301}e\u{feff}",
+            "emoji \u{1f600} and é",
+        ] {
+            let written = format!("{original:?}");
+            let tokens = kinds(&written);
+            assert_eq!(tokens[0], Token::Str(original.to_string()), "{written}");
+        }
+        for bad in [
+            r#""\u""#,
+            r#""\u{}""#,
+            r#""\u{110000}""#,
+            r#""\u{1234567}""#,
+            r#""\u{zz}""#,
+        ] {
+            assert!(tokenize(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -9,10 +9,26 @@ use super::lexer::{tokenize, Token};
 
 const FUNCTIONS: &str = "count, sum, avg, min, max, last, first, since, in_segment, bucket";
 
+/// The deepest a rule's tree may be: `not`, `-`, `since(...)`, `in`, comparisons and each
+/// operator of a chain such as `a or b or c` count one level. The recursions over the tree
+/// (compile, eval, explain, `Display`, drop) take up to ~1.5 KiB of stack per level in release
+/// builds (measured), so this is at most ~400 KiB — a fifth of a tokio worker's 2 MiB.
+pub const MAX_DEPTH: u32 = 256;
+
+/// The deepest the parser itself may recurse: each parenthesis, `not`, `-` and `since(` is a
+/// level (a chain of operators is parsed in a loop and costs none). A level of parentheses takes
+/// ~5 KiB of parser stack (measured, release), so this is at most ~500 KiB. The canonical text
+/// of a deep tree (fully parenthesised) can exceed it and is then refused like any other.
+pub const MAX_NESTING: u32 = 100;
+
 /// Parses one rule.
 pub fn parse(text: &str) -> Result<Expr, RuleError> {
     let tokens = tokenize(text)?;
-    let mut parser = Parser { tokens, pos: 0 };
+    let mut parser = Parser {
+        tokens,
+        pos: 0,
+        nesting: 0,
+    };
     let expr = parser.expr()?;
     let (token, span) = parser.peek();
     if *token != Token::End {
@@ -27,6 +43,29 @@ pub fn parse(text: &str) -> Result<Expr, RuleError> {
 struct Parser {
     tokens: Vec<(Token, Span)>,
     pos: usize,
+    /// How many nested sub-expressions the parser is inside (its own recursion depth, in
+    /// levels); kept at most [`MAX_NESTING`].
+    nesting: u32,
+}
+
+fn too_deep(span: Span) -> RuleError {
+    RuleError::new(
+        span,
+        format!(
+            "the rule is nested too deeply: at most {MAX_NESTING} levels of parentheses, \
+             not, - and since, and {MAX_DEPTH} levels of operators in all"
+        ),
+    )
+}
+
+/// A node over already-built children; an error if that makes the tree deeper than
+/// [`MAX_DEPTH`] (located at `at`, where the extra level starts).
+fn node(kind: ExprKind, span: Span, at: Span) -> Result<Expr, RuleError> {
+    let depth = kind.depth();
+    if depth > MAX_DEPTH {
+        return Err(too_deep(at));
+    }
+    Ok(Expr { kind, span, depth })
 }
 
 impl Parser {
@@ -68,14 +107,29 @@ impl Parser {
     }
 
     fn expr(&mut self) -> Result<Expr, RuleError> {
-        self.or()
+        self.nested(Self::or)
+    }
+
+    /// Runs `parse` one level deeper, refusing to go past [`MAX_NESTING`] (this recursion is
+    /// what overflowed the stack on `((((…`).
+    fn nested(
+        &mut self,
+        parse: impl FnOnce(&mut Self) -> Result<Expr, RuleError>,
+    ) -> Result<Expr, RuleError> {
+        if self.nesting >= MAX_NESTING {
+            return Err(too_deep(self.peek().1));
+        }
+        self.nesting += 1;
+        let parsed = parse(self);
+        self.nesting -= 1;
+        parsed
     }
 
     fn or(&mut self) -> Result<Expr, RuleError> {
         let mut lhs = self.and()?;
         while self.eat_keyword("or") {
             let rhs = self.and()?;
-            lhs = binary(BinOp::Or, lhs, rhs);
+            lhs = binary(BinOp::Or, lhs, rhs)?;
         }
         Ok(lhs)
     }
@@ -84,7 +138,7 @@ impl Parser {
         let mut lhs = self.not()?;
         while self.eat_keyword("and") {
             let rhs = self.not()?;
-            lhs = binary(BinOp::And, lhs, rhs);
+            lhs = binary(BinOp::And, lhs, rhs)?;
         }
         Ok(lhs)
     }
@@ -92,12 +146,9 @@ impl Parser {
     fn not(&mut self) -> Result<Expr, RuleError> {
         let start = self.peek().1;
         if self.eat_keyword("not") {
-            let inner = self.not()?;
+            let inner = self.nested(Self::not)?;
             let span = start.to(inner.span);
-            return Ok(Expr {
-                kind: ExprKind::Not(Box::new(inner)),
-                span,
-            });
+            return node(ExprKind::Not(Box::new(inner)), span, start);
         }
         self.comparison()
     }
@@ -116,13 +167,11 @@ impl Parser {
                 self.pos += 1;
                 let (list, list_span) = self.expr_list()?;
                 let whole = lhs.span.to(list_span);
-                return self.no_chained_comparison(Expr {
-                    kind: ExprKind::In {
-                        expr: Box::new(lhs),
-                        list,
-                    },
-                    span: whole,
-                });
+                let kind = ExprKind::In {
+                    expr: Box::new(lhs),
+                    list,
+                };
+                return self.no_chained_comparison(node(kind, whole, span)?);
             }
             Token::Ident(word) if word == "is" => {
                 self.pos += 1;
@@ -132,20 +181,18 @@ impl Parser {
                     return Err(RuleError::new(null_span, "expected 'null' after 'is'"));
                 }
                 let whole = lhs.span.to(null_span);
-                return self.no_chained_comparison(Expr {
-                    kind: ExprKind::IsNull {
-                        expr: Box::new(lhs),
-                        negated,
-                    },
-                    span: whole,
-                });
+                let kind = ExprKind::IsNull {
+                    expr: Box::new(lhs),
+                    negated,
+                };
+                return self.no_chained_comparison(node(kind, whole, span)?);
             }
             _ => return Ok(lhs),
         };
         let _ = span;
         self.pos += 1;
         let rhs = self.additive()?;
-        self.no_chained_comparison(binary(op, lhs, rhs))
+        self.no_chained_comparison(binary(op, lhs, rhs)?)
     }
 
     fn no_chained_comparison(&self, expr: Expr) -> Result<Expr, RuleError> {
@@ -173,7 +220,7 @@ impl Parser {
             };
             self.pos += 1;
             let rhs = self.multiplicative()?;
-            lhs = binary(op, lhs, rhs);
+            lhs = binary(op, lhs, rhs)?;
         }
     }
 
@@ -187,7 +234,7 @@ impl Parser {
             };
             self.pos += 1;
             let rhs = self.unary()?;
-            lhs = binary(op, lhs, rhs);
+            lhs = binary(op, lhs, rhs)?;
         }
     }
 
@@ -195,12 +242,9 @@ impl Parser {
         let (token, start) = self.peek();
         if *token == Token::Minus {
             self.pos += 1;
-            let inner = self.unary()?;
+            let inner = self.nested(Self::unary)?;
             let span = start.to(inner.span);
-            return Ok(Expr {
-                kind: ExprKind::Neg(Box::new(inner)),
-                span,
-            });
+            return node(ExprKind::Neg(Box::new(inner)), span, start);
         }
         self.primary()
     }
@@ -215,8 +259,8 @@ impl Parser {
                 let inner = self.expr()?;
                 let close = self.expect(Token::RParen, "')'")?;
                 return Ok(Expr {
-                    kind: inner.kind,
                     span: span.to(close),
+                    ..inner
                 });
             }
             Token::Ident(word) => return self.word(word, span),
@@ -227,7 +271,7 @@ impl Parser {
                 ))
             }
         };
-        Ok(Expr { kind, span })
+        node(kind, span, span)
     }
 
     fn word(&mut self, word: String, span: Span) -> Result<Expr, RuleError> {
@@ -239,15 +283,12 @@ impl Parser {
             _ => None,
         };
         if let Some(kind) = simple {
-            return Ok(Expr { kind, span });
+            return node(kind, span, span);
         }
         if word == "trait" {
             self.expect(Token::Dot, "'.' and a trait name after 'trait'")?;
             let (path, path_span) = self.dotted_path()?;
-            return Ok(Expr {
-                kind: ExprKind::Trait(path),
-                span: span.to(path_span),
-            });
+            return node(ExprKind::Trait(path), span.to(path_span), span);
         }
         if *self.peek().0 != Token::LParen {
             let message = match word.as_str() {
@@ -367,10 +408,7 @@ impl Parser {
                 ),
             ));
         }
-        Ok(Expr {
-            kind,
-            span: name_span.to(span),
-        })
+        node(kind, name_span.to(span), name_span)
     }
 
     fn optional_window(&mut self) -> Result<Option<i64>, RuleError> {
@@ -561,16 +599,15 @@ impl Parser {
     }
 }
 
-fn binary(op: BinOp, lhs: Expr, rhs: Expr) -> Expr {
+fn binary(op: BinOp, lhs: Expr, rhs: Expr) -> Result<Expr, RuleError> {
     let span = lhs.span.to(rhs.span);
-    Expr {
-        kind: ExprKind::Binary {
-            op,
-            lhs: Box::new(lhs),
-            rhs: Box::new(rhs),
-        },
-        span,
-    }
+    let at = rhs.span;
+    let kind = ExprKind::Binary {
+        op,
+        lhs: Box::new(lhs),
+        rhs: Box::new(rhs),
+    };
+    node(kind, span, at)
 }
 
 #[cfg(test)]
@@ -635,5 +672,105 @@ mod tests {
             assert_eq!(err.span.start, offset, "{rule}: {}", err.message);
             assert!(err.message.contains(words), "{rule}: {}", err.message);
         }
+    }
+
+    /// 30,000 of each way to nest (60 KB, under the HTTP body limit) used to overflow the
+    /// stack and abort the process; now each is an error at the first level too deep.
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let n = 30_000;
+        // Where the parser stops: the first token inside the level past MAX_NESTING.
+        let limit = MAX_NESTING as usize;
+        let cases = [
+            (
+                format!("{}count(any) > 0{}", "(".repeat(n), ")".repeat(n)),
+                limit,
+            ),
+            (format!("{}true", "not ".repeat(n)), 4 * limit),
+            (format!("{}1 > 0", "-".repeat(n)), limit),
+            (
+                format!("{}last(any){} > 0", "since(".repeat(n), ")".repeat(n)),
+                6 * limit,
+            ),
+            (format!("count(any) > 0{}", " or true".repeat(n)), 0),
+            (format!("1{} > 0", " + 1".repeat(n)), 0),
+            (format!("{}1{}", "(1 in [".repeat(n), "])".repeat(n)), 0),
+        ];
+        for (rule, offset) in cases {
+            let shape = &rule[..20];
+            let err = parse(&rule).expect_err(shape);
+            assert!(
+                err.message.contains("nested too deeply"),
+                "{shape}: {}",
+                err.message
+            );
+            if offset > 0 {
+                assert_eq!(err.span.start, offset, "{shape}: {}", err.message);
+            }
+        }
+    }
+
+    /// Every shape of nesting at the limit parses, and everything that recurses over the tree
+    /// (compile, eval, explain, Display, drop) fits in a 1 MiB stack — half of a tokio worker's
+    /// default 2 MiB.
+    #[test]
+    fn the_deepest_allowed_rules_fit_in_a_small_stack() {
+        let levels = MAX_DEPTH as usize;
+        let nesting = MAX_NESTING as usize - 1;
+        let rules = [
+            format!(
+                "{}count(any) > 0{}",
+                "(".repeat(nesting),
+                ")".repeat(nesting)
+            ),
+            format!("{}count(any) > 0", "not ".repeat(nesting)),
+            format!(
+                "{}count(any) > 0{}",
+                "not (".repeat(nesting / 2),
+                ")".repeat(nesting / 2)
+            ),
+            format!("{}count(any) > 0", "-".repeat(nesting)),
+            format!("count(any) > 0{}", " or count(any) > 1".repeat(levels - 2)),
+            format!("(1{}) > 0", " * count(any)".repeat(levels - 2)),
+        ];
+        for rule in rules {
+            let worker = std::thread::Builder::new()
+                .stack_size(1 << 20)
+                .spawn(move || exercise(&rule))
+                .expect("spawn");
+            let outcome = worker.join().expect("no stack overflow or panic");
+            assert!(outcome.is_ok(), "{outcome:?}");
+        }
+        let one_too_many = format!("count(any) > 0{}", " or count(any) > 1".repeat(levels - 1));
+        assert!(parse(&one_too_many).is_err(), "a chain one level deeper");
+        let one_too_deep = format!("{}count(any) > 0", "not ".repeat(nesting + 1));
+        assert!(parse(&one_too_deep).is_err(), "nesting one level deeper");
+    }
+
+    fn exercise(rule: &str) -> Result<(), String> {
+        use crate::features::CustomerState;
+        use crate::rules::{compile, evaluate, explain, SegmentDef};
+        let shape = &rule[..20];
+        let ast = parse(rule).map_err(|err| format!("{shape}: {err}"))?;
+        let canonical = ast.to_string();
+        match parse(&canonical) {
+            Ok(reparsed) if reparsed.to_string() != canonical => {
+                return Err(format!("{shape}: canonical text is not stable"));
+            }
+            Ok(_) => {}
+            Err(err) if err.message.contains("nested too deeply") => {}
+            Err(err) => return Err(format!("{shape} canonical: {err}")),
+        }
+        let program = compile(&[SegmentDef {
+            id: "deep".into(),
+            description: None,
+            rule: rule.to_string(),
+        }])
+        .map_err(|errors| format!("{shape}: {errors:?}"))?;
+        let state = CustomerState::new(&program.layout, 1);
+        let evaluation = evaluate(&program, &state, "c", 1_000);
+        let explained = explain(&program, &state, "c", 1_000, 0, 4);
+        drop((ast, evaluation, explained, program));
+        Ok(())
     }
 }

@@ -122,34 +122,50 @@ impl Settings {
     }
 }
 
+/// Config and segment files larger than this are refused before parsing (a config names its
+/// `segments_file`, which could be anything, `/dev/zero` included).
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
 /// Reads and validates `path`, applying environment overrides from `env`.
 pub fn load(path: &Path, env: &[(String, String)]) -> Result<Settings, ConfigErrors> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|err| {
+    let text = read_bounded(path).map_err(|message| {
         ConfigErrors(vec![ConfigError {
             file: file.clone(),
             position: None,
-            message: format!("cannot read: {err}"),
+            message,
         }])
     })?;
+    load_str(&file, &text, path.parent().unwrap_or(Path::new(".")), env)
+}
+
+/// Validates the config `text` (named `file` in errors); a `segments_file` is read relative to
+/// `dir`.
+pub fn load_str(
+    file: &str,
+    text: &str,
+    dir: &Path,
+    env: &[(String, String)],
+) -> Result<Settings, ConfigErrors> {
+    let file = file.to_string();
     let spanned: RawFile<RawSegment> =
-        toml::from_str(&text).map_err(|err| ConfigErrors(vec![toml_error(&file, &text, &err)]))?;
-    let sections = with_env_overrides(&file, &text, env)?;
+        toml::from_str(text).map_err(|err| ConfigErrors(vec![toml_error(&file, text, &err)]))?;
+    let sections = with_env_overrides(&file, text, env)?;
     let mut errors = Vec::new();
     let mut sources: Vec<(String, String, Vec<RawSegment>)> =
-        vec![(file.clone(), text, spanned.segment)];
+        vec![(file.clone(), text.to_string(), spanned.segment)];
     if let Some(extra) = &spanned.segments_file {
-        let extra_path = path.parent().unwrap_or(Path::new(".")).join(extra);
+        let extra_path = dir.join(extra);
         let extra_file = extra_path.display().to_string();
-        match std::fs::read_to_string(&extra_path) {
+        match read_bounded(&extra_path) {
             Ok(extra_text) => match toml::from_str::<RawSegmentsFile>(&extra_text) {
                 Ok(parsed) => sources.push((extra_file, extra_text, parsed.segment)),
                 Err(err) => errors.push(toml_error(&extra_file, &extra_text, &err)),
             },
-            Err(err) => errors.push(ConfigError {
+            Err(message) => errors.push(ConfigError {
                 file: file.clone(),
                 position: None,
-                message: format!("segments_file {extra:?}: cannot read {extra_file}: {err}"),
+                message: format!("segments_file {extra:?}: {extra_file}: {message}"),
             }),
         }
     }
@@ -159,6 +175,20 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<Settings, ConfigErr
         Some(settings) if errors.is_empty() => Ok(settings),
         _ => Err(ConfigErrors(errors)),
     }
+}
+
+/// A text file of at most [`MAX_FILE_BYTES`]; the error says why not.
+fn read_bounded(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|err| format!("cannot read: {err}"))?;
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|err| format!("cannot read: {err}"))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!("larger than {MAX_FILE_BYTES} bytes"));
+    }
+    Ok(text)
 }
 
 /// Validates only the segments of a file (for `replay`, whose config may hold nothing else).

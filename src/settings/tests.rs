@@ -103,3 +103,36 @@ fn segments_file_is_loaded_relative_to_the_config() {
     assert!(errors[0].file.ends_with("segs.toml"), "{errors:?}");
     assert_eq!(errors[0].position, Some((3, 9)));
 }
+
+#[test]
+fn a_rule_nested_30000_deep_is_an_error_at_its_position() {
+    let rule = format!("{}count(any) > 0{}", "(".repeat(30_000), ")".repeat(30_000));
+    let errors = errors_of(&format!("[[segment]]\nid = \"deep\"\nrule = '{rule}'\n"));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("Some((3, ")
+            && errors[0].contains("segment 'deep': the rule is nested too deeply"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_segments_file_without_end_is_refused_not_read_forever() {
+    let errors = errors_of("segments_file = \"/dev/zero\"\n");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("/dev/zero") && e.contains("larger than")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn load_str_reads_the_same_as_load() {
+    let text = "[[segment]]\nid = \"a\"\nrule = 'count(any) > 1'\n";
+    let settings = load_str("inline.toml", text, Path::new("."), &[]).expect("valid");
+    assert_eq!(settings.program.segments[0].id, "a");
+    let errors =
+        load_str("inline.toml", "[[segment]]\nid = 1\n", Path::new("."), &[]).expect_err("invalid");
+    assert_eq!(errors.0[0].file, "inline.toml");
+}
