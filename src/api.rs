@@ -19,7 +19,7 @@ use crate::rules::error::line_col;
 use crate::rules::explain::format_duration;
 use crate::rules::program::FeatureLayout;
 use crate::rules::{compile, evaluate_dirty, explain, Program, SegmentDef};
-use crate::store::codec::StateLayout;
+use crate::store::codec::{self, StateLayout};
 use crate::store::{keys, Store, StoreError, Table};
 
 /// A failed request, mapped to an HTTP status by the server.
@@ -138,9 +138,12 @@ impl ServiceApi {
             .shared
             .store
             .get(Table::Meta, &keys::clock(partition))?;
-        Ok(stored
-            .and_then(|bytes| bytes.as_slice().try_into().ok().map(Millis::from_be_bytes))
-            .unwrap_or(wall))
+        match stored {
+            Some(bytes) => codec::decode_i64(&bytes).map_err(|err| {
+                ApiError::Internal(format!("partition {partition}: corrupt clock: {err}"))
+            }),
+            None => Ok(wall),
+        }
     }
 
     /// The owned partition holding a customer's state, and the state.
@@ -243,11 +246,11 @@ impl ServiceApi {
                 let Some(customer) = keys::parse_member(&key, prefix.len()) else {
                     continue;
                 };
-                let since = value
-                    .as_slice()
-                    .try_into()
-                    .map(Millis::from_be_bytes)
-                    .unwrap_or_default();
+                let since = codec::decode_i64(&value).map_err(|err| {
+                    ApiError::Internal(format!(
+                        "partition {partition}: corrupt members index entry of {segment}/{customer}: {err}"
+                    ))
+                })?;
                 found.push((customer.to_string(), since));
             }
         }

@@ -357,6 +357,15 @@ impl Decoder {
         }
     }
 
+    /// The same decoder without the slot fast path: every document is parsed and read through
+    /// the pointers. For differential tests and fuzzing; both must decide alike.
+    pub fn without_fast_path(self) -> Self {
+        Decoder {
+            slots: None,
+            ..self
+        }
+    }
+
     /// The size limit, in bytes.
     pub fn max_bytes(&self) -> usize {
         self.max_bytes
@@ -716,10 +725,7 @@ mod tests {
 
     /// The same decoder forced onto the general path (a parsed object read through pointers).
     fn general(decoder: &Decoder) -> Decoder {
-        Decoder {
-            slots: None,
-            ..decoder.clone()
-        }
+        decoder.clone().without_fast_path()
     }
 
     /// The slot fast path must decide exactly what the general path decides, error included.

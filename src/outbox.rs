@@ -11,6 +11,7 @@
 
 use crate::model::time::format_rfc3339;
 use crate::model::{Cause, Change, ChangeKind};
+use crate::store::codec::CorruptValue;
 
 /// The membership topic's value while a member.
 #[derive(serde::Serialize)]
@@ -166,11 +167,24 @@ impl OutboxEntry {
         out
     }
 
-    /// The stored form back; `None` if it is corrupt.
-    pub fn decode(bytes: &[u8]) -> Option<OutboxEntry> {
-        match *bytes.first()? {
+    /// The stored form back, or why it is corrupt (truncated, trailing bytes, an unknown tag,
+    /// text that is not UTF-8).
+    pub fn decode(bytes: &[u8]) -> Result<OutboxEntry, CorruptValue> {
+        let tag = *bytes
+            .first()
+            .ok_or_else(|| CorruptValue("empty outbox entry".into()))?;
+        Self::decode_tagged(tag, bytes).ok_or_else(|| {
+            CorruptValue(format!(
+                "outbox entry of {} bytes (tag {tag}) is truncated or malformed",
+                bytes.len()
+            ))
+        })
+    }
+
+    fn decode_tagged(tag: u8, bytes: &[u8]) -> Option<OutboxEntry> {
+        match tag {
             LEGACY_RECORD => OutboxRecord::decode(bytes).map(OutboxEntry::Record),
-            RECORD => OutboxRecord::decode(&bytes[1..]).map(OutboxEntry::Record),
+            RECORD => OutboxRecord::decode(bytes.get(1..)?).map(OutboxEntry::Record),
             CHANGE => {
                 let mut pos = 1;
                 let customer_id = take_string(bytes, &mut pos)?;
@@ -415,15 +429,18 @@ mod tests {
         ];
         for entry in entries {
             let bytes = entry.encode();
-            assert_eq!(OutboxEntry::decode(&bytes), Some(entry.clone()));
+            assert_eq!(OutboxEntry::decode(&bytes).ok(), Some(entry.clone()));
             for end in 0..bytes.len() {
-                assert_eq!(OutboxEntry::decode(&bytes[..end]), None, "prefix of {end}");
+                assert!(
+                    OutboxEntry::decode(&bytes[..end]).is_err(),
+                    "prefix of {end}"
+                );
             }
             let mut longer = bytes.clone();
             longer.push(0);
-            assert_eq!(OutboxEntry::decode(&longer), None);
+            assert!(OutboxEntry::decode(&longer).is_err());
         }
-        assert_eq!(OutboxEntry::decode(b"\x07"), None);
+        assert!(OutboxEntry::decode(b"\x07").is_err());
     }
 
     #[test]
@@ -434,7 +451,7 @@ mod tests {
         record.encode_into(&mut legacy);
         assert_eq!(legacy[0], LEGACY_RECORD);
         assert_eq!(
-            OutboxEntry::decode(&legacy),
+            OutboxEntry::decode(&legacy).ok(),
             Some(OutboxEntry::Record(record))
         );
     }

@@ -122,17 +122,25 @@ impl<S: Store> PartitionEngine<S> {
         writes.put(Table::Meta, keys::layout(layout.id), layout_json);
         store.write(writes)?;
         let now = match store.get(Table::Meta, &keys::clock(partition))? {
-            Some(bytes) => Some(decode_clock(&bytes).ok_or_else(|| StoreError::Corrupt {
-                key: "clock".into(),
-                reason: "not 8 bytes".into(),
-            })?),
+            Some(bytes) => Some(
+                codec::decode_i64(&bytes).map_err(|err| StoreError::Corrupt {
+                    key: format!("clock of partition {partition}"),
+                    reason: err.0,
+                })?,
+            ),
             None => None,
         };
         let mut timers = BTreeSet::new();
         for (key, _) in store.scan_prefix(Table::Timers, &keys::partition_prefix(partition))? {
-            if let Some(timer) = keys::parse_timer(&key) {
-                timers.insert(timer);
-            }
+            // A timer that does not parse would be a customer never re-evaluated: refuse.
+            let timer = keys::parse_timer(&key).ok_or_else(|| StoreError::Corrupt {
+                key: format!(
+                    "timer of partition {partition} {}",
+                    crate::model::change::hex(&key)
+                ),
+                reason: "not partition(4) due(8) customer id (UTF-8)".into(),
+            })?;
+            timers.insert(timer);
         }
         Ok(PartitionEngine {
             partition,
@@ -610,10 +618,6 @@ pub fn decode_stored<S: Store + ?Sized>(
         }
     };
     codec::decode(bytes, old, layout).map_err(|err| corrupt(err.0))
-}
-
-fn decode_clock(bytes: &[u8]) -> Option<Millis> {
-    Some(Millis::from_be_bytes(bytes.try_into().ok()?))
 }
 
 #[cfg(test)]

@@ -893,3 +893,70 @@ proptest! {
         prop_assert_eq!(engine_rows, expected, "rules: {:#?}", texts);
     }
 }
+
+/// A stored state whose layout id matches but whose slot vectors are short (corrupt, or written
+/// by a buggy build) is a clear error naming partition and customer, not a panic of the worker
+/// and not a silently empty state.
+#[test]
+fn a_corrupt_stored_state_is_an_error_naming_partition_and_customer() {
+    let program = program(&[(
+        "buyer",
+        r#"count("Order", 7d) >= 1 and trait.plan == "pro""#,
+    )]);
+    let layout = codec::StateLayout::of(&program);
+    let store = Arc::new(MemoryStore::default());
+    let short = codec::encode(&crate::features::CustomerState::default(), &layout);
+    let mut writes = WriteSet::default();
+    writes.put(Table::Customers, keys::customer(7, "c-1"), short);
+    let garbage = vec![1, 0xff, 0xff, 0xff];
+    writes.put(Table::Customers, keys::customer(7, "c-2"), garbage);
+    store.write(writes).expect("write");
+    let mut engine = PartitionEngine::open(7, program, store, test_config()).expect("open");
+    let mut changes = Vec::new();
+    for customer in ["c-1", "c-2"] {
+        let event = track(customer, "Order", 1_000, None, json!({}));
+        match engine.apply_event(&event, &mut changes) {
+            Err(EngineError::CorruptState {
+                partition,
+                customer: named,
+                reason,
+            }) => {
+                assert_eq!((partition, named.as_str()), (7, customer), "{reason}");
+                let message = EngineError::CorruptState {
+                    partition,
+                    customer: named,
+                    reason,
+                }
+                .to_string();
+                assert!(message.starts_with("partition 7: customer \""), "{message}");
+            }
+            other => panic!("{customer}: expected a corrupt-state error, got {other:?}"),
+        }
+    }
+    assert!(changes.is_empty());
+}
+
+/// Timer keys and the clock are read back when a partition opens: one that does not parse is
+/// a refusal naming the partition (a timer skipped silently is a customer never re-evaluated).
+#[test]
+fn a_corrupt_timer_key_or_clock_refuses_to_open_the_partition() {
+    let program = program(&[("buyer", r#"count("Order", 7d) >= 1"#)]);
+    let store = Arc::new(MemoryStore::default());
+    let mut writes = WriteSet::default();
+    writes.put(Table::Timers, vec![0, 0, 0, 3, 1, 2], Vec::new());
+    store.write(writes).expect("write");
+    let opened = PartitionEngine::open(3, program.clone(), store, test_config());
+    let message = opened.err().map(|err| err.to_string()).unwrap_or_default();
+    assert!(message.contains("timer of partition 3"), "{message}");
+
+    let store = Arc::new(MemoryStore::default());
+    let mut writes = WriteSet::default();
+    writes.put(Table::Meta, keys::clock(4), vec![1, 2, 3]);
+    store.write(writes).expect("write");
+    let opened = PartitionEngine::open(4, program, store, test_config());
+    let message = opened.err().map(|err| err.to_string()).unwrap_or_default();
+    assert!(
+        message.contains("clock of partition 4") && message.contains("expected 8 bytes, found 3"),
+        "{message}"
+    );
+}

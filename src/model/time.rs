@@ -127,6 +127,17 @@ pub fn format_duration(millis: i64) -> String {
     format!("{millis}ms")
 }
 
+/// Milliseconds from `earlier` to `later`, saturating at the ends of `i64` instead of
+/// overflowing: Kafka timestamps are set by producers and can be anything.
+pub fn millis_since(earlier: Millis, later: Millis) -> i64 {
+    later.saturating_sub(earlier)
+}
+
+/// Seconds from `earlier` to `later`, never negative (latency and lateness histograms).
+pub fn seconds_since(earlier: Millis, later: Millis) -> f64 {
+    millis_since(earlier, later).max(0) as f64 / 1000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +188,19 @@ mod tests {
         assert_eq!(format_duration(3_600_000), "1h");
         assert_eq!(format_duration(1_209_600_000), "2w");
         assert_eq!(format_duration(1500), "1500ms");
+    }
+
+    #[test]
+    fn differences_of_extreme_timestamps_saturate() {
+        assert_eq!(millis_since(i64::MIN, 1_000), i64::MAX);
+        assert_eq!(millis_since(i64::MAX, -1_000), i64::MIN);
+        assert_eq!(millis_since(1_000, 4_000), 3_000);
+        assert_eq!(seconds_since(i64::MIN, 0), i64::MAX as f64 / 1000.0);
+        assert_eq!(
+            seconds_since(i64::MAX, 0),
+            0.0,
+            "from the future: no time has passed"
+        );
+        assert_eq!(seconds_since(1_000, 3_500), 2.5);
     }
 }

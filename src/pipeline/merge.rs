@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::kafka::consumer::InputMessage;
+use crate::model::time;
 
 /// Messages older than this (Kafka timestamp vs wall clock) are being caught up on.
 const CATCH_UP_LAG_MS: i64 = 10_000;
@@ -111,7 +112,7 @@ impl Merger {
             let complete = self.queues.iter().enumerate().all(|(idx, (topic, q))| {
                 !q.is_empty() || *known[idx].get_or_insert_with(|| caught_up(topic))
             });
-            let patience = if wall_ms - timestamp > CATCH_UP_LAG_MS {
+            let patience = if time::millis_since(timestamp, wall_ms) > CATCH_UP_LAG_MS {
                 self.max_wait * 10
             } else {
                 self.max_wait
@@ -167,6 +168,35 @@ mod tests {
                 .ready(start + Duration::from_millis(500), hours_later, false)
                 .len(),
             1
+        );
+    }
+
+    /// Producer-set timestamps at the ends of `i64`: the lag saturates instead of wrapping
+    /// (which made the oldest possible message look live, or panicked with overflow checks).
+    #[test]
+    fn extreme_producer_timestamps_do_not_overflow_the_lag() {
+        let mut merger = merger();
+        let start = Instant::now();
+        merger.push(vec![message("clicks", 0, i64::MIN)], start);
+        assert!(
+            merger
+                .ready(start + Duration::from_millis(50), LIVE, false)
+                .is_empty(),
+            "a message stamped at the beginning of time is caught up on: waits longer"
+        );
+        assert_eq!(
+            merger
+                .ready(start + Duration::from_millis(500), LIVE, false)
+                .len(),
+            1
+        );
+        merger.push(vec![message("clicks", 1, i64::MAX)], start);
+        assert_eq!(
+            merger
+                .ready(start + Duration::from_millis(50), i64::MIN, false)
+                .len(),
+            1,
+            "a message from the far future against any clock: live, max_wait"
         );
     }
 

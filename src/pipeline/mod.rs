@@ -249,7 +249,14 @@ impl InputSink for Dispatcher {
     fn stored_offset(&self, topic: &str, partition: i32) -> Option<i64> {
         let key = keys::input_offset(partition as u32, topic);
         let bytes = self.shared.store.get(Table::Meta, &key).ok()??;
-        Some(i64::from_be_bytes(bytes.as_slice().try_into().ok()?))
+        match crate::store::codec::decode_i64(&bytes) {
+            Ok(offset) => Some(offset),
+            Err(error) => {
+                // Falls back to the group's committed offset: input is re-read, not lost.
+                tracing::error!(topic, partition, %error, "corrupt stored input offset");
+                None
+            }
+        }
     }
 
     fn assigned(&self, partitions: &[i32], inputs: Vec<PartitionInput>) {

@@ -18,9 +18,9 @@ use crate::engine::{ClockMode, EngineError, Outcome, PartitionEngine};
 use crate::kafka::consumer::{InputMessage, PartitionInput};
 use crate::kafka::{self, Ack, AckBoard, Producer};
 use crate::metrics::{self, Metrics, SegmentSeries, TopicCounters};
-use crate::model::{Cause, Change, ChangeKind, Millis};
+use crate::model::{time, Cause, Change, ChangeKind, Millis};
 use crate::outbox::{OutboxEntry, OutboxRecord, PublishBuffers, SourceRef};
-use crate::store::{keys, RocksStore, Store, StoreError, Table, WriteSet};
+use crate::store::{codec, keys, RocksStore, Store, StoreError, Table, WriteSet};
 
 use super::merge::Merger;
 use super::Shared;
@@ -50,8 +50,10 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("producing to kafka: {0}")]
     Produce(String),
-    #[error("outbox record {0} is corrupt")]
-    CorruptOutbox(u64),
+    /// A stored value that does not decode: the worker stops with this error (its caller names
+    /// the partition) rather than skip the value or start from empty state.
+    #[error("corrupt {key}: {reason}")]
+    Corrupt { key: String, reason: String },
 }
 
 /// How often an idle worker checks timers and acknowledgements.
@@ -225,11 +227,10 @@ impl Worker {
         let engine =
             PartitionEngine::open(p, shared.program.clone(), store.clone(), shared.engine)?;
         let next_seq = match store.get(Table::Meta, &keys::outbox_next(p))? {
-            Some(bytes) => bytes
-                .as_slice()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(0),
+            Some(bytes) => codec::decode_u64(&bytes).map_err(|err| WorkerError::Corrupt {
+                key: "outbox_next".into(),
+                reason: err.0,
+            })?,
             None => 0,
         };
         let merger = Merger::new(
@@ -370,8 +371,8 @@ impl Worker {
             );
         }
         for (key, value) in pending {
-            let seq = keys::parse_outbox(&key).ok_or(WorkerError::CorruptOutbox(0))?;
-            let entry = OutboxEntry::decode(&value).ok_or(WorkerError::CorruptOutbox(seq))?;
+            let seq = self.outbox_seq(&key)?;
+            let entry = self.outbox_entry(seq, &value)?;
             self.next_seq = self.next_seq.max(seq + 1);
             self.publish(seq, &entry, 0)?;
             let pending = match &entry {
@@ -381,6 +382,22 @@ impl Worker {
             self.track(seq, pending);
         }
         Ok(())
+    }
+
+    /// The sequence number of a stored outbox key.
+    fn outbox_seq(&self, key: &[u8]) -> Result<u64, WorkerError> {
+        keys::parse_outbox(key).ok_or_else(|| WorkerError::Corrupt {
+            key: format!("outbox key {}", crate::model::change::hex(key)),
+            reason: "not partition(4) seq(8)".into(),
+        })
+    }
+
+    /// A stored outbox entry, decoded.
+    fn outbox_entry(&self, seq: u64, value: &[u8]) -> Result<OutboxEntry, WorkerError> {
+        OutboxEntry::decode(value).map_err(|err| WorkerError::Corrupt {
+            key: format!("outbox entry {seq}"),
+            reason: err.0,
+        })
     }
 
     /// Remembers entry `seq`, handed to the producer, until all its records are acknowledged.
@@ -434,11 +451,11 @@ impl Worker {
             .scan_prefix(Table::Outbox, &keys::partition_prefix(p))?;
         let mut republished = 0;
         for (key, value) in stored {
-            let seq = keys::parse_outbox(&key).ok_or(WorkerError::CorruptOutbox(0))?;
+            let seq = self.outbox_seq(&key)?;
             let Some(acked) = self.unacked.get(&seq).map(|pending| pending.acked) else {
                 continue;
             };
-            let entry = OutboxEntry::decode(&value).ok_or(WorkerError::CorruptOutbox(seq))?;
+            let entry = self.outbox_entry(seq, &value)?;
             self.publish(seq, &entry, acked)?;
             republished += 1;
         }
@@ -530,7 +547,7 @@ impl Worker {
         let started = Instant::now();
         let size = ready.len();
         let oldest = ready.iter().filter_map(|m| m.timestamp).min();
-        let intake_lag_ms = oldest.map_or(0, |ts| self.wall_clock() - ts);
+        let intake_lag_ms = oldest.map_or(0, |ts| time::millis_since(ts, self.wall_clock()));
         let mut records = std::mem::take(&mut self.records);
         self.fire_wall_timers(&mut records)?;
         for message in ready.drain(..) {
@@ -563,7 +580,7 @@ impl Worker {
             };
             if self.shared.engine.clock == ClockMode::Wall {
                 let now = self.engine.now().unwrap_or_else(|| self.wall_clock());
-                let ahead = event.timestamp - now;
+                let ahead = time::millis_since(now, event.timestamp);
                 if ahead > self.shared.max_future_skew {
                     let error = crate::decode::DecodeError::TooFarInFuture { ahead_ms: ahead };
                     records.push(self.dead_letter(&source, error.reason(), &error.to_string()));
@@ -673,7 +690,7 @@ impl Worker {
             self.metrics.timers_fired.inc();
             self.metrics
                 .timer_lateness_seconds
-                .observe((now - due).max(0) as f64 / 1000.0);
+                .observe(time::seconds_since(due, now));
         }
         self.drain_changes(records, None);
         Ok(())
@@ -796,7 +813,7 @@ impl Worker {
             if let (0, Some((origin, cause))) = (part, pending.origin) {
                 self.series
                     .latency(&self.metrics, cause)
-                    .observe((now - origin).max(0) as f64 / 1000.0);
+                    .observe(time::seconds_since(origin, now));
             }
             if pending.complete() {
                 self.unacked.remove(&seq);
@@ -956,9 +973,17 @@ fn open_members_index(
     let mut counted = WriteSet::default();
     for segment in &program.segments {
         let key = keys::members_count(partition, &segment.id);
-        let stored = store
-            .get(Table::Meta, &key)?
-            .and_then(|bytes| bytes.as_slice().try_into().ok().map(i64::from_be_bytes));
+        let stored = match store.get(Table::Meta, &key)? {
+            Some(bytes) => match codec::decode_i64(&bytes) {
+                Ok(count) => Some(count),
+                Err(error) => {
+                    // Derived data: counted again from the index below, not trusted or fatal.
+                    tracing::warn!(partition, segment = %segment.id, %error, "corrupt member count, recounting");
+                    None
+                }
+            },
+            None => None,
+        };
         let count = match stored {
             Some(count) => count,
             None => {
@@ -1251,5 +1276,37 @@ mod tests {
             .map(|c| format!("{}/buyer", c.customer_id).into_bytes())
             .collect();
         assert_eq!(read("segment-membership"), expected);
+    }
+
+    /// A corrupt value in the partition's outbox, or a corrupt next sequence number, stops the
+    /// partition with an error naming the partition and the key (never a panic, never skipped:
+    /// a skipped entry is a change nobody hears of, a sequence reset overwrites the outbox).
+    #[test]
+    fn a_corrupt_outbox_stops_the_partition_with_an_error_naming_it() {
+        let fx = Fixture::new();
+        let (store, shared) = (&fx.store, &fx.shared);
+        let mut writes = WriteSet::default();
+        writes.put(Table::Meta, keys::outbox_next(0), vec![0, 1]);
+        store.write(writes).expect("writing");
+        let opened = Worker::open(0, shared.clone(), Vec::new());
+        let message = opened.err().map(|err| err.to_string()).unwrap_or_default();
+        assert_eq!(message, "corrupt outbox_next: expected 8 bytes, found 2");
+
+        let mut writes = WriteSet::default();
+        writes.delete(Table::Meta, keys::outbox_next(0));
+        writes.put(Table::Outbox, keys::outbox(0, 5), vec![1, 0, 0]);
+        store.write(writes).expect("writing");
+        let worker = Worker::open(0, shared.clone(), Vec::new()).expect("opening the worker");
+        let (_to_worker, inputs) = std::sync::mpsc::sync_channel(4);
+        let running = std::thread::spawn(move || worker.run(inputs));
+        running
+            .join()
+            .expect("the worker returns, it does not panic");
+        let failure = shared.failure.lock().ok().and_then(|f| f.clone());
+        let failure = failure.unwrap_or_default();
+        assert!(
+            failure.contains("partition 0: corrupt outbox entry 5: outbox entry of 3 bytes"),
+            "{failure}"
+        );
     }
 }

@@ -60,6 +60,25 @@ impl StateLayout {
 #[error("{0}")]
 pub struct DecodeStateError(pub String);
 
+/// A fixed-width or framed stored value (clock, counts, offsets, outbox entries) that does not
+/// decode: what was wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CorruptValue(pub String);
+
+/// An 8-byte big-endian `i64` (a clock, a member's since, a member count, an input offset).
+pub fn decode_i64(bytes: &[u8]) -> Result<i64, CorruptValue> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| CorruptValue(format!("expected 8 bytes, found {}", bytes.len())))?;
+    Ok(i64::from_be_bytes(array))
+}
+
+/// An 8-byte big-endian `u64` (the next outbox sequence number).
+pub fn decode_u64(bytes: &[u8]) -> Result<u64, CorruptValue> {
+    decode_i64(bytes).map(|value| value as u64)
+}
+
 /// Encodes `state` (shaped for `layout`).
 pub fn encode(state: &CustomerState, layout: &StateLayout) -> Vec<u8> {
     // Most states encode to 200–600 bytes (BENCHMARKS.md): start there rather than grow.
@@ -156,17 +175,44 @@ pub fn layout_id(bytes: &[u8]) -> Result<u64, DecodeStateError> {
     Ok(u64::from_be_bytes(id))
 }
 
-/// Decodes a value written under `stored` and re-slots it for `current`.
+/// Decodes a value written under `stored` and re-slots it for `current`. The value must have
+/// exactly the shape of `stored` (one slot per feature and segment): the engine and the rules
+/// index the slots unchecked, so a short vector is an error here, not a panic later.
 pub fn decode(
     bytes: &[u8],
     stored: &StateLayout,
     current: &StateLayout,
 ) -> Result<CustomerState, DecodeStateError> {
     let raw = decode_raw(bytes)?;
+    check_shape(&raw, stored)?;
     if stored.id == current.id {
         return Ok(raw);
     }
     Ok(reslot(raw, stored, current))
+}
+
+/// Every slot vector of `state` has the length `layout` gives it.
+fn check_shape(state: &CustomerState, layout: &StateLayout) -> Result<(), DecodeStateError> {
+    let slots = [
+        ("series", state.series.len(), layout.series.len()),
+        ("totals", state.totals.len(), layout.totals.len()),
+        ("extremes", state.extremes.len(), layout.extremes.len()),
+        ("traits", state.traits.len(), layout.traits.len()),
+        (
+            "memberships",
+            state.memberships.len(),
+            layout.segments.len(),
+        ),
+    ];
+    for (what, found, expected) in slots {
+        if found != expected {
+            return Err(DecodeStateError(format!(
+                "{found} {what} where layout {:016x} has {expected}",
+                layout.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Carries state into a changed layout. Every segment is due for re-evaluation afterwards
@@ -350,10 +396,15 @@ impl<'a> Reader<'a> {
         Err(DecodeStateError("varint too long".into()))
     }
 
+    /// A count of items (or bytes) that follow: each takes at least one byte, so a count
+    /// beyond what is left is corrupt — and is refused before anything is allocated for it.
     fn len(&mut self) -> Result<usize, DecodeStateError> {
         let len = self.varint()?;
-        if len > self.bytes.len() as u64 * 8 + 64 {
-            return Err(DecodeStateError(format!("implausible length {len}")));
+        let left = self.bytes.len().saturating_sub(self.pos);
+        if len > left as u64 {
+            return Err(DecodeStateError(format!(
+                "length {len} with {left} bytes left"
+            )));
         }
         Ok(len as usize)
     }
@@ -449,6 +500,127 @@ mod tests {
             let (_, layout) = layout(&[("a", r#"count("X") > 1"#)]);
             let _ = decode(&bytes, &layout, &layout);
         }
+
+        /// Random bodies behind a valid header (the header alone is what random bytes rarely
+        /// get right): an error or a state of exactly the layout's shape, never a panic.
+        #[test]
+        fn random_bodies_decode_to_the_layouts_shape_or_fail(
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let (program, layout) = layout(FULL);
+            let mut bytes = vec![FORMAT_VERSION];
+            bytes.extend_from_slice(&layout.id.to_be_bytes());
+            bytes.extend_from_slice(&body);
+            if let Ok(state) = decode(&bytes, &layout, &layout) {
+                prop_assert_eq!(state.series.len(), program.layout.series.len());
+                prop_assert_eq!(state.memberships.len(), program.segments.len());
+            }
+        }
+    }
+
+    /// Rules reading every kind of feature slot.
+    const FULL: &[(&str, &str)] = &[
+        (
+            "a",
+            r#"count("X", 7d) > 1 and count("X") > 0 and since(last("X")) > 1h"#,
+        ),
+        ("b", r#"trait.plan == "pro" and first(any) < last("X")"#),
+    ];
+
+    /// A state with something in every slot, and its encoding.
+    fn full_state() -> (Program, StateLayout, Vec<u8>) {
+        let (program, layout) = layout(FULL);
+        let mut state = CustomerState::new(&program.layout, program.segments.len());
+        state.series[0].push(10, None, 8);
+        state.series[0].push(20, Some(2.5), 8);
+        state.totals[0].count = 3;
+        state.extremes[0] = Extreme {
+            first: Some(5),
+            last: Some(20),
+        };
+        state.traits[0] = Some(TraitValue {
+            value: serde_json::json!("pro"),
+            at: 7,
+        });
+        state.memberships[1] = Membership {
+            member: true,
+            since: 10,
+            seq: 1,
+            next_check: Some(99),
+        };
+        state.seen.push((42, 20));
+        state.timer = Some(99);
+        let bytes = encode(&state, &layout);
+        (program, layout, bytes)
+    }
+
+    /// A value whose layout id matches but whose slot vectors are short used to decode, and the
+    /// engine then indexed the missing slots and panicked the worker.
+    #[test]
+    fn short_vectors_under_a_matching_layout_id_are_an_error() {
+        let (program, layout, _) = full_state();
+        let empty = encode(&CustomerState::default(), &layout);
+        let err = decode(&empty, &layout, &layout).expect_err("no slots at all");
+        assert!(err.0.contains("series where layout"), "{err}");
+        for drop_one in 0..5 {
+            let mut state = CustomerState::new(&program.layout, program.segments.len());
+            match drop_one {
+                0 => drop(state.series.pop()),
+                1 => drop(state.totals.pop()),
+                2 => drop(state.extremes.pop()),
+                3 => drop(state.traits.pop()),
+                _ => drop(state.memberships.pop()),
+            }
+            let bytes = encode(&state, &layout);
+            assert!(
+                decode(&bytes, &layout, &layout).is_err(),
+                "slot kind {drop_one}"
+            );
+        }
+        let mut longer = CustomerState::new(&program.layout, program.segments.len());
+        longer.totals.push(Total::default());
+        assert!(decode(&encode(&longer, &layout), &layout, &layout).is_err());
+    }
+
+    #[test]
+    fn every_truncation_of_a_state_is_an_error() {
+        let (_, layout, bytes) = full_state();
+        assert!(decode(&bytes, &layout, &layout).is_ok());
+        for end in 0..bytes.len() {
+            assert!(
+                decode(&bytes[..end], &layout, &layout).is_err(),
+                "prefix of {end} bytes"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode(&longer, &layout, &layout).is_err());
+    }
+
+    /// A count claiming more items than there are bytes left is refused before anything is
+    /// allocated for it (the bound used to be 8× the whole value, ~40× that in memory).
+    #[test]
+    fn counts_beyond_the_value_are_refused_before_allocating() {
+        let (_, layout) = layout(FULL);
+        let mut bytes = vec![FORMAT_VERSION];
+        bytes.extend_from_slice(&layout.id.to_be_bytes());
+        bytes.extend_from_slice(&[0, 0]); // no timer, never evaluated
+        bytes.push(0); // no memberships
+        bytes.push(1); // one series …
+        put_varint(&mut bytes, 100); // … of 100 entries, with 0 bytes left
+        let err = decode(&bytes, &layout, &layout).expect_err("claims too much");
+        assert!(err.0.contains("length 100 with 0 bytes left"), "{err}");
+    }
+
+    #[test]
+    fn fixed_width_values_need_exactly_eight_bytes() {
+        for len in 0..=16usize {
+            let bytes: Vec<u8> = (0..len as u8).collect();
+            assert_eq!(decode_i64(&bytes).is_ok(), len == 8, "{len} bytes");
+            assert_eq!(decode_u64(&bytes).is_ok(), len == 8, "{len} bytes");
+        }
+        assert_eq!(decode_i64(&(-5i64).to_be_bytes()), Ok(-5));
+        assert_eq!(decode_u64(&u64::MAX.to_be_bytes()), Ok(u64::MAX));
     }
 
     #[test]

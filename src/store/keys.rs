@@ -107,8 +107,11 @@ pub fn outbox(partition: u32, seq: u64) -> Vec<u8> {
     key
 }
 
-/// The sequence number of an outbox key.
+/// The sequence number of an outbox key (exactly `partition(4) seq(8)`).
 pub fn parse_outbox(key: &[u8]) -> Option<u64> {
+    if key.len() != 12 {
+        return None;
+    }
     Some(u64::from_be_bytes(key.get(4..12)?.try_into().ok()?))
 }
 
@@ -145,6 +148,32 @@ mod tests {
             let kb = timer(b.0, b.1, "x");
             prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
             prop_assert_eq!(parse_timer(&ka), Some((a.1, "x".to_string())));
+        }
+    }
+
+    #[test]
+    fn outbox_keys_parse_only_at_their_exact_length() {
+        let key = outbox(2, 77);
+        assert_eq!(parse_outbox(&key), Some(77));
+        for end in 0..key.len() {
+            assert_eq!(parse_outbox(&key[..end]), None, "prefix of {end}");
+        }
+        let mut longer = key.clone();
+        longer.push(0);
+        assert_eq!(parse_outbox(&longer), None, "trailing bytes");
+    }
+
+    proptest! {
+        #[test]
+        fn parsed_keys_rebuild_the_same_bytes(key in proptest::collection::vec(any::<u8>(), 0..40)) {
+            if let Some((due, id)) = parse_timer(&key) {
+                let p = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+                prop_assert_eq!(timer(p, due, &id), key.clone());
+            }
+            if let Some(id) = parse_customer(&key) {
+                let p = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+                prop_assert_eq!(customer(p, id), key.clone());
+            }
         }
     }
 }
