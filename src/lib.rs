@@ -20,10 +20,12 @@
 //! - `kafka`: consumer/producer edges; `pipeline`: per-partition workers (outbox, offsets,
 //!   members index, wall timers); `app`: wiring and ordered shutdown of `segmenter run`.
 //! - `metrics`: every Prometheus metric, in one place; `api`: what the HTTP routes answer
-//!   (reads from RocksDB, erasure through the owning worker); `http`: the axum routes.
+//!   (reads from RocksDB, erasure through the owning worker); `http`: the axum routes, their
+//!   access control and limits, and the (TLS) listener; `auth`: bearer tokens (hashes, roles).
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod decode;
 pub mod demo;
 pub mod engine;
