@@ -60,6 +60,10 @@ pub struct HttpSettings {
     pub tls: Option<TlsFiles>,
 }
 
+/// Where the API listens when `http.listen` is not set: loopback, so that a config without an
+/// `[http]` section (a replay config, a first try) never exposes customer data; listening on
+/// another address is a decision written down together with tokens.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9898";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: i64 = 30_000;
 pub const DEFAULT_PREVIEW_CONCURRENCY: usize = 2;

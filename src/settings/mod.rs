@@ -415,7 +415,7 @@ fn build(
         .http
         .listen
         .clone()
-        .unwrap_or_else(|| "0.0.0.0:9898".into());
+        .unwrap_or_else(|| http::DEFAULT_LISTEN.into());
     let http = http::build(file, &http_listen, raw.http, errors);
     Some(Settings {
         program: Arc::new(program?),
