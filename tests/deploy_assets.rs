@@ -683,8 +683,7 @@ fn statefulset_mounts_the_http_tokens_from_a_secret_and_needs_them() {
         std::fs::write(dir.path().join(key), text(config, &["data", key])).expect("write");
     }
     let refused = segmenter::settings::load(&dir.path().join("segmenter.toml"), &without)
-        .err()
-        .expect("no tokens on 0.0.0.0 is refused")
+        .expect_err("no tokens on 0.0.0.0 is refused")
         .to_string();
     assert!(refused.contains("http.auth = \"none\""), "{refused}");
 }

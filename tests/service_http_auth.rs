@@ -66,6 +66,9 @@ fn write_config(config: &TestConfig, path: &Path, listen: &str, extra: &str) {
     std::fs::write(path, format!("{text}{extra}\n")).expect("writing the config");
 }
 
+/// A request body: content type and text.
+type Body<'a> = Option<(&'a str, &'a str)>;
+
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -161,7 +164,7 @@ fn every_route_class_needs_its_role_and_erasure_is_audited() {
     let reader = bearer(&read_token);
     let admin = bearer(&admin_token);
     let preview_body = Some(("text/plain", r#"count("Order Completed") >= 1"#));
-    let reads: [(&str, &str, Option<(&str, &str)>); 5] = [
+    let reads: [(&str, &str, Body); 5] = [
         ("GET", "/segments", None),
         ("GET", "/segments/buyer/members?limit=5", None),
         ("GET", "/customers/c-1", None),
