@@ -4,6 +4,7 @@
 //! through the partition's worker so it is ordered with that partition's input.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use crate::rules::error::line_col;
 use crate::rules::explain::format_duration;
 use crate::rules::program::FeatureLayout;
 use crate::rules::{compile, evaluate_dirty, explain, Program, SegmentDef};
+use crate::settings::PreviewLimits;
 use crate::store::codec::{self, StateLayout};
 use crate::store::{keys, Store, StoreError, Table};
 
@@ -35,6 +37,9 @@ pub enum ApiError {
     /// Not ready, busy, or the partition moved: try again.
     #[error("{0}")]
     Unavailable(String),
+    /// Too many requests of this kind at once (previews): try again shortly.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -64,6 +69,18 @@ pub struct ServiceApi {
     dispatcher: Arc<Dispatcher>,
     layout: StateLayout,
     old_layouts: Mutex<HashMap<u64, StateLayout>>,
+    preview_limits: PreviewLimits,
+    /// Previews running now; at most `preview_limits.concurrency` (see [`PreviewSlot`]).
+    previews_running: AtomicUsize,
+}
+
+/// A taken preview slot; released when dropped.
+struct PreviewSlot<'a>(&'a AtomicUsize);
+
+impl Drop for PreviewSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ServiceApi {
@@ -73,6 +90,30 @@ impl ServiceApi {
             shared,
             dispatcher,
             old_layouts: Mutex::new(HashMap::new()),
+            preview_limits: PreviewLimits::default(),
+            previews_running: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bounds previews: how many run at once, how many stored states each reads.
+    pub fn with_preview_limits(mut self, limits: PreviewLimits) -> ServiceApi {
+        self.preview_limits = limits;
+        self
+    }
+
+    /// A preview slot, or `Busy` when every slot is taken.
+    fn preview_slot(&self) -> Result<PreviewSlot<'_>, ApiError> {
+        let limit = self.preview_limits.concurrency;
+        let taken =
+            self.previews_running
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+                    (running < limit).then_some(running + 1)
+                });
+        match taken {
+            Ok(_) => Ok(PreviewSlot(&self.previews_running)),
+            Err(_) => Err(ApiError::Busy(format!(
+                "{limit} preview(s) already running (http.preview_concurrency): try again shortly"
+            ))),
         }
     }
 
@@ -271,13 +312,17 @@ impl ServiceApi {
 
     /// Compiles `rule` next to the current definitions and counts who would be in it now.
     /// Read-only. Refused (422) if the rule needs per-customer data the current definitions do
-    /// not keep, since the answer would be wrong rather than approximate.
+    /// not keep, since the answer would be wrong rather than approximate. At most
+    /// `preview_limits.concurrency` run at once (`Busy` beyond); each reads at most
+    /// `preview_limits.max_scan` stored states and says whether it read them all (`complete`).
     pub fn preview(&self, rule: &str, sample: usize) -> Result<Value, ApiError> {
         if sample > MAX_SAMPLE {
             return Err(ApiError::BadRequest(format!(
                 "sample must be at most {MAX_SAMPLE}"
             )));
         }
+        let _slot = self.preview_slot()?;
+        let max_scan = self.preview_limits.max_scan;
         let program = self.program();
         let preview_id = "__preview";
         let mut defs: Vec<SegmentDef> = program
@@ -319,7 +364,11 @@ impl ServiceApi {
         let mut sampled = Vec::new();
         let mut failure = None;
         let mut evaluated_at = None;
+        let mut complete = true;
         for partition in self.shared.owned_partitions() {
+            if !complete {
+                break;
+            }
             let partition = partition as u32;
             let now = self.now(partition)?;
             evaluated_at = Some(evaluated_at.map_or(now, |at: Millis| at.max(now)));
@@ -330,6 +379,10 @@ impl ServiceApi {
                     let Some(customer) = keys::parse_customer(key) else {
                         return true;
                     };
+                    if customers >= max_scan {
+                        complete = false;
+                        return false;
+                    }
                     let state = match self.decode(partition, customer, bytes, &layout) {
                         Ok(state) => state,
                         Err(error) => {
@@ -358,6 +411,8 @@ impl ServiceApi {
             "members": members,
             "customers": customers,
             "sample": sampled,
+            "complete": complete,
+            "max_scan": (!complete).then_some(max_scan),
             "at": evaluated_at.map(format_rfc3339),
             "partitions": self.shared.owned_partitions(),
         }))

@@ -16,7 +16,7 @@ use crate::kafka::{self, AckBoard, KafkaSetupError, TopicSpec};
 use crate::metrics::Metrics;
 use crate::outbox::Topics;
 use crate::pipeline::{Dispatcher, Shared};
-use crate::settings::Settings;
+use crate::settings::{HttpAccess, Settings};
 use crate::store::rocks::{RocksOptions, RocksStore};
 
 /// Runs the service until `shutdown` is set (or a partition worker fails).
@@ -62,17 +62,10 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     let consumer = group_consumer(&settings.kafka, sink, metrics)?;
 
     // Up before Kafka is: liveness and (un)readiness answer while the service waits for it.
-    let api = Arc::new(ServiceApi::new(shared, dispatcher.clone()));
-    let listener = tokio::net::TcpListener::bind(&settings.http_listen)
-        .await
-        .with_context(|| format!("listening for HTTP on {}", settings.http_listen))?;
-    tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "HTTP API listening");
-    let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(crate::http::serve(listener, api, async move {
-        while !http_shutdown.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }));
+    let api = Arc::new(
+        ServiceApi::new(shared, dispatcher.clone()).with_preview_limits(settings.http.preview),
+    );
+    let http = start_http(&settings, api, shutdown.clone()).await?;
     let _http = AbortOnDrop(http);
 
     let Some(partitions) = wait_for_inputs(&consumer, &settings, &shutdown).await? else {
@@ -141,6 +134,47 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     }
     tracing::info!("segmenter stopped cleanly");
     Ok(())
+}
+
+/// Binds the HTTP port (TLS if configured) and serves the API until `shutdown` is set.
+async fn start_http(
+    settings: &Settings,
+    api: Arc<ServiceApi>,
+    shutdown: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let http = settings.http.clone();
+    let tls = http
+        .tls
+        .as_ref()
+        .map(crate::http::serve::tls_config)
+        .transpose()?;
+    let listener = tokio::net::TcpListener::bind(&settings.http_listen)
+        .await
+        .with_context(|| format!("listening for HTTP on {}", settings.http_listen))?;
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match &http.access {
+        HttpAccess::Tokens(tokens) => {
+            tracing::info!(%address, scheme, tokens = tokens.len(), "HTTP API listening")
+        }
+        HttpAccess::Open { explicit } => tracing::warn!(
+            %address,
+            scheme,
+            explicit,
+            "HTTP API listening without access control"
+        ),
+    }
+    Ok(tokio::spawn(async move {
+        crate::http::serve(listener, api, &http, tls, async move {
+            while !shutdown.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+    }))
 }
 
 /// Stops a spawned task when the service returns, however it returns.

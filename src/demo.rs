@@ -15,6 +15,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
 
+use crate::auth::{self, Role};
 use crate::loadgen::{self, LoadOptions, Routing};
 use crate::pipeline::wall_clock_ms;
 use crate::settings;
@@ -58,10 +59,14 @@ pub async fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Res
         None => DEMO_SEGMENTS.to_string(),
     };
     let config_path = work.path().join("demo.toml");
+    // One admin token for this run; the config holds only its hash.
+    let (token, entry) =
+        auth::mint("demo", Role::Admin).map_err(|reason| anyhow::anyhow!(reason))?;
     let config = format!(
-        "[engine]\nclock = \"wall\"\n\n[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"segmenter-demo\"\n\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\n[state]\ndir = \"{}\"\n\n[http]\nlisten = \"{}\"\n\n{segments}\n",
+        "[engine]\nclock = \"wall\"\n\n[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"segmenter-demo\"\n\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\n[state]\ndir = \"{}\"\n\n[http]\nlisten = \"{}\"\ntokens = [\"{}\"]\n\n{segments}\n",
         work.path().join("state").display(),
         options.http,
+        entry.line(),
     );
     std::fs::write(&config_path, config).context("writing the demo config")?;
     let settings =
@@ -76,13 +81,12 @@ pub async fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Res
     for segment in &settings.program.segments {
         println!("  {:<22} {}", segment.id, segment.canonical);
     }
-    let api = format!("http://{}", options.http);
-    println!(
-        "\nHTTP API: {api}/segments  {api}/metrics  {api}/readyz\n  \
-         a customer: {api}/customers/<id>  why: {api}/customers/<id>/explain?segment=<segment>\n  \
-         members: {api}/segments/<segment>/members?limit=10\n  \
-         preview: curl -d 'count(\"Order Completed\", 7d) >= 1' {api}/segments/preview\n"
-    );
+    let segment = settings
+        .program
+        .segments
+        .first()
+        .map_or("recent_buyer", |s| s.id.as_str());
+    println!("\n{}\n", http_help(&options.http, &token, segment));
     println!("joining the consumer group takes a few seconds; changes appear below as they are published.\n");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -121,6 +125,23 @@ pub async fn run(options: DemoOptions, shutdown: Arc<AtomicBool>) -> anyhow::Res
     );
     drop(cluster);
     outcome
+}
+
+/// The HTTP API's URLs as curl commands that work with this run's token.
+fn http_help(address: &str, token: &str, segment: &str) -> String {
+    let api = format!("http://{address}");
+    let auth = "-H \"Authorization: Bearer $TOKEN\"";
+    [
+        format!("HTTP API (open: {api}/metrics {api}/healthz {api}/readyz); every other route needs the token:"),
+        format!("  export TOKEN={token}"),
+        format!("  curl {auth} {api}/segments"),
+        format!("  curl {auth} '{api}/segments/{segment}/members?limit=10'"),
+        format!("  curl {auth} {api}/customers/c-42"),
+        format!("  curl {auth} '{api}/customers/c-42/explain?segment={segment}'"),
+        format!("  curl {auth} -d 'count(\"Order Completed\", 7d) >= 1' {api}/segments/preview"),
+        format!("  curl {auth} -X DELETE {api}/customers/c-42      # erasure (admin)"),
+    ]
+    .join("\n")
 }
 
 /// Prints each published change: time, change, segment, customer, cause.

@@ -1,27 +1,34 @@
 //! The HTTP server (SPEC §8) on one port: routes → [`ServiceApi`] calls → JSON. Every error is
 //! a JSON body `{"error": …}` with a 4xx status for bad requests (including unknown routes and
 //! methods, malformed query parameters and bodies); blocking work runs off the async threads.
+//! Reading routes need a `read` token and erasure an `admin` one (`access`); bodies, request
+//! time and TLS are bounded and set up by `access` and `serve`.
+
+pub mod access;
+pub mod serve;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::api::{ApiError, ServiceApi};
+use crate::auth::Caller;
+use crate::settings::HttpSettings;
+use access::AUDIT;
 
 /// Default page size of `/segments/{id}/members`.
 const DEFAULT_PAGE: usize = 100;
 /// Default sample size of `/segments/preview`.
 const DEFAULT_SAMPLE: usize = 10;
-/// Largest accepted request body.
-const MAX_BODY: usize = 64 * 1024;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -30,9 +37,16 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
+        let mut response = access::error(status, self.to_string());
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -54,8 +68,27 @@ fn query(
         .map_err(|rejection| ApiError::BadRequest(format!("bad query string: {rejection}")))
 }
 
-/// The router over a service.
-pub fn router(api: Arc<ServiceApi>) -> Router {
+/// What the preview handler needs besides the service: the body limit it enforces.
+#[derive(Clone)]
+struct AppState {
+    api: Arc<ServiceApi>,
+    max_body_bytes: usize,
+}
+
+impl axum::extract::FromRef<AppState> for Arc<ServiceApi> {
+    fn from_ref(state: &AppState) -> Arc<ServiceApi> {
+        state.api.clone()
+    }
+}
+
+/// The router over a service, guarded and bounded as `settings` say. Layers, outermost first:
+/// the request deadline, the declared-body limit, routing, then the route's access check.
+pub fn router(api: Arc<ServiceApi>, settings: &HttpSettings) -> Router {
+    let guard = Arc::new(settings.access.clone());
+    let state = AppState {
+        api,
+        max_body_bytes: settings.max_body_bytes,
+    };
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -65,20 +98,31 @@ pub fn router(api: Arc<ServiceApi>) -> Router {
         .route("/segments/{id}/members", get(members))
         .route("/customers/{id}", get(customer).delete(erase))
         .route("/customers/{id}/explain", get(explain))
+        .route_layer(from_fn_with_state(guard, access::require))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(api)
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(from_fn_with_state(
+            settings.max_body_bytes,
+            access::limit_body,
+        ))
+        .layer(from_fn_with_state(
+            settings.request_timeout,
+            access::deadline,
+        ))
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Serves the API on `listener` (HTTPS when `tls` is set) until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     api: Arc<ServiceApi>,
+    settings: &HttpSettings,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(api))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = router(api, settings);
+    serve::serve(listener, router, tls, settings.request_timeout, shutdown).await
 }
 
 async fn not_found() -> ApiError {
@@ -162,24 +206,40 @@ async fn members(
 
 /// The body is a rule: either JSON `{"rule": "...", "sample": 10}` or the rule as plain text.
 async fn preview(
-    State(api): State<Arc<ServiceApi>>,
+    State(state): State<AppState>,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, Response> {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(access::too_large(state.max_body_bytes));
+        }
+        Err(rejection) => {
+            let message = format!("cannot read the body: {}", rejection.body_text());
+            return Err(ApiError::BadRequest(message).into_response());
+        }
+    };
+    preview_rule(state.api, params, &headers, &body)
+        .await
+        .map_err(IntoResponse::into_response)
+}
+
+async fn preview_rule(
+    api: Arc<ServiceApi>,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: &HeaderMap,
+    body: &[u8],
 ) -> ApiResult {
     let params = query(params)?;
     only_known(&params, &["sample"])?;
-    if body.len() > MAX_BODY {
-        return Err(ApiError::BadRequest(format!(
-            "body larger than {MAX_BODY} bytes"
-        )));
-    }
     let mut sample = number(&params, "sample", DEFAULT_SAMPLE)?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let text = std::str::from_utf8(&body)
+    let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::BadRequest("the body is not UTF-8".into()))?;
     let rule = if is_json || text.trim_start().starts_with('{') {
         let value: Value = serde_json::from_str(text).map_err(|error| {
@@ -214,19 +274,65 @@ async fn customer(
     blocking(move || api.customer(&id)).await.map(Json)
 }
 
+/// Erasure; every attempt that reaches it writes one audit line (target `segmenter::audit`) with the
+/// caller's token name, the customer and the outcome.
 async fn erase(
     State(api): State<Arc<ServiceApi>>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
-    let id = path(id)?;
+    let id = match path(id) {
+        Ok(id) => id,
+        Err(error) => {
+            let refused: Result<Vec<crate::model::Change>, ApiError> = Err(error.clone());
+            audit_erasure(&caller, "", &refused);
+            return Err(error);
+        }
+    };
     let customer = id.clone();
-    let exits = blocking(move || api.erase(&id)).await?;
+    let outcome = blocking(move || api.erase(&id)).await;
+    audit_erasure(&caller, &customer, &outcome);
+    let exits = outcome?;
     let exited: Vec<&str> = exits.iter().map(|c| c.segment.as_str()).collect();
     Ok(Json(json!({
         "customer_id": customer,
         "erased": true,
         "exited": exited,
     })))
+}
+
+fn audit_erasure<T: AsRef<[crate::model::Change]>>(
+    caller: &Caller,
+    customer: &str,
+    outcome: &Result<T, ApiError>,
+) {
+    let token = caller.name.as_str();
+    match outcome {
+        Ok(exits) => tracing::info!(
+            target: AUDIT,
+            token,
+            customer,
+            outcome = "erased",
+            exited = exits.as_ref().len(),
+            "customer erasure"
+        ),
+        Err(error) => {
+            let outcome = match error {
+                ApiError::NotFound(_) => "not_found",
+                ApiError::BadRequest(_) => "bad_request",
+                ApiError::Unavailable(_) | ApiError::Busy(_) => "unavailable",
+                ApiError::Unprocessable(_) | ApiError::Internal(_) => "failed",
+            };
+            tracing::warn!(
+                target: AUDIT,
+                token,
+                customer,
+                outcome,
+                %error,
+                "customer erasure"
+            );
+        }
+    }
 }
 
 async fn explain(

@@ -20,7 +20,8 @@
 //! - `kafka`: consumer/producer edges; `pipeline`: per-partition workers (outbox, offsets,
 //!   members index, wall timers); `app`: wiring and ordered shutdown of `segmenter run`.
 //! - `metrics`: every Prometheus metric, in one place; `api`: what the HTTP routes answer
-//!   (reads from RocksDB, erasure through the owning worker); `http`: the axum routes.
+//!   (reads from RocksDB, erasure through the owning worker); `http`: the axum routes, their
+//!   access control and limits, and the (TLS) listener; `auth`: bearer tokens (hashes, roles).
 //!
 //! The modules that need RocksDB, Kafka, tokio, axum or prometheus are behind the default
 //! `service` feature; without it the crate is the pure core that `fuzz/` builds.
@@ -29,6 +30,7 @@
 pub mod api;
 #[cfg(feature = "service")]
 pub mod app;
+pub mod auth;
 pub mod decode;
 #[cfg(feature = "service")]
 pub mod demo;

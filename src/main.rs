@@ -81,6 +81,11 @@ enum Command {
         #[arg(long, default_value = "config/segmenter.toml")]
         config: PathBuf,
     },
+    /// Bearer tokens of the HTTP API.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Run the engine offline over an NDJSON file with the event clock; print changes as NDJSON.
     Replay {
         #[arg(long)]
@@ -94,6 +99,20 @@ enum Command {
         /// Keep the RocksDB state here (default: a temporary directory, removed afterwards).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a token from the OS's randomness: prints the token once, then its line for the tokens
+    /// file (`http.tokens_file`), which holds only its SHA-256.
+    New {
+        /// Who uses it; appears in the audit log of every erasure.
+        #[arg(long)]
+        name: String,
+        /// `read` (segments, members, customers, explain, preview) or `admin` (also erasure).
+        #[arg(long, default_value = "read")]
+        role: String,
     },
 }
 
@@ -218,6 +237,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(serve(settings))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            command: TokenCommand::New { name, role },
+        } => {
+            let role = segmenter::auth::Role::parse(&role)
+                .with_context(|| format!("--role {role:?}: use read or admin"))?;
+            let (token, entry) =
+                segmenter::auth::mint(&name, role).map_err(|reason| anyhow::anyhow!(reason))?;
+            eprintln!(
+                "# the token, shown once (give it to the client; segmenter keeps only its hash):"
+            );
+            println!("{token}");
+            eprintln!(
+                "# its line for the tokens file (http.tokens_file) or SEGMENTER__HTTP__TOKENS:"
+            );
+            println!("{}", entry.line());
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {

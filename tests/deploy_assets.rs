@@ -5,7 +5,8 @@
 //! - the Grafana dashboard and the alert rules refer only to metrics, labels and label values
 //!   that `segmenter::metrics` exports, and cover what operators need;
 //! - the Kubernetes manifests and docker-compose.yml hang together (names, ports, paths, probes)
-//!   and their config loads with the service's own settings code;
+//!   and their config loads with the service's own settings code; both mount the HTTP API's
+//!   tokens file from a secret, without which their config is refused;
 //! - `docker compose config` where a Docker client with compose is installed.
 //!
 //! promtool comes from `$PROMTOOL` or PATH (`scripts/install-promtool.sh`, run by scripts/test.sh).
@@ -597,15 +598,94 @@ fn container_env(container: &Yaml) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The environment variable naming the HTTP API's tokens file.
+const TOKENS_FILE_ENV: &str = "SEGMENTER__HTTP__TOKENS_FILE";
+
 /// Loads segmenter.toml + segments.toml as the pod sees them, with its env overrides, through
-/// the service's own settings code.
+/// the service's own settings code. The tokens file the env names lives in a Secret that is not
+/// in the repo: a freshly minted one stands in for it.
 fn settings_from(config: &Yaml, env: &[(String, String)]) -> segmenter::settings::Settings {
     let dir = tempfile::tempdir().expect("tempdir");
     for key in ["segmenter.toml", "segments.toml"] {
         std::fs::write(dir.path().join(key), text(config, &["data", key])).expect("write");
     }
-    segmenter::settings::load(&dir.path().join("segmenter.toml"), env)
+    let (_, entry) = segmenter::auth::mint("ops", segmenter::auth::Role::Admin).expect("mint");
+    let stand_in = dir.path().join("tokens");
+    std::fs::write(&stand_in, format!("{}\n", entry.line())).expect("write tokens");
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(key, value)| match key.as_str() {
+            TOKENS_FILE_ENV => (key.clone(), stand_in.display().to_string()),
+            _ => (key.clone(), value.clone()),
+        })
+        .collect();
+    segmenter::settings::load(&dir.path().join("segmenter.toml"), &env)
         .unwrap_or_else(|e| panic!("the pod's config does not load: {e}"))
+}
+
+fn value_of<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    env.iter()
+        .find(|(name, _)| name == key)
+        .map(|(_, value)| value.as_str())
+}
+
+#[test]
+fn statefulset_mounts_the_http_tokens_from_a_secret_and_needs_them() {
+    let objects = k8s_objects();
+    let set = &objects[&("StatefulSet".into(), "segmenter".into())];
+    let pod = &set["spec"]["template"]["spec"];
+    let container = &seq(&pod["containers"])[0];
+    let env = container_env(container);
+    let tokens_file = value_of(&env, TOKENS_FILE_ENV)
+        .unwrap_or_else(|| panic!("no {TOKENS_FILE_ENV} in {env:?}"));
+    let tokens_dir = Path::new(tokens_file).parent().expect("a directory");
+    let mount = seq(&container["volumeMounts"])
+        .into_iter()
+        .find(|m| Path::new(text(m, &["mountPath"])) == tokens_dir)
+        .unwrap_or_else(|| panic!("nothing mounted at {}", tokens_dir.display()));
+    assert_eq!(mount["readOnly"].as_bool(), Some(true), "{mount:?}");
+    let volume = seq(&pod["volumes"])
+        .into_iter()
+        .find(|v| text(v, &["name"]) == text(&mount, &["name"]))
+        .expect("the tokens volume");
+    assert_eq!(
+        text(&volume, &["secret", "secretName"]),
+        "segmenter-http-tokens",
+        "the tokens come from a Secret"
+    );
+    let mode = volume["secret"]["defaultMode"]
+        .as_u64()
+        .expect("defaultMode");
+    assert_eq!(mode & 0o007, 0, "tokens file readable by others: {mode:o}");
+    assert!(
+        !objects.keys().any(|(kind, _)| kind == "Secret"),
+        "no Secret (with token hashes) is committed in the manifests"
+    );
+    // The pod's config enforces tokens; without the file it is refused (listen = 0.0.0.0).
+    let config = &objects[&("ConfigMap".into(), "segmenter-config".into())];
+    let settings = settings_from(config, &env);
+    assert!(
+        matches!(
+            settings.http.access,
+            segmenter::settings::HttpAccess::Tokens(_)
+        ),
+        "{:?}",
+        settings.http.access
+    );
+    assert!(!segmenter::settings::is_loopback(&settings.http_listen));
+    let without: Vec<(String, String)> = env
+        .iter()
+        .filter(|(key, _)| key != TOKENS_FILE_ENV)
+        .cloned()
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for key in ["segmenter.toml", "segments.toml"] {
+        std::fs::write(dir.path().join(key), text(config, &["data", key])).expect("write");
+    }
+    let refused = segmenter::settings::load(&dir.path().join("segmenter.toml"), &without)
+        .expect_err("no tokens on 0.0.0.0 is refused")
+        .to_string();
+    assert!(refused.contains("http.auth = \"none\""), "{refused}");
 }
 
 fn port_of(listen: &str) -> u64 {
@@ -829,8 +909,39 @@ fn compose_wires_kafka_topics_service_generator_prometheus_and_grafana() {
         })
         .collect();
     assert!(env.iter().any(|(k, _)| k == "SEGMENTER__HTTP__LISTEN"));
+    // The tokens file is the compose secret, mounted where compose mounts secrets.
+    let secret_names: Vec<String> = seq(&segmenter["secrets"])
+        .iter()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(secret_names, vec!["http-tokens".to_string()]);
+    assert_eq!(
+        value_of(&env, TOKENS_FILE_ENV),
+        Some("/run/secrets/http-tokens")
+    );
+    let secret_file = text(&compose, &["secrets", "http-tokens", "file"]);
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(key, value)| match key.as_str() {
+            TOKENS_FILE_ENV => (key.clone(), root().join(secret_file).display().to_string()),
+            _ => (key.clone(), value.clone()),
+        })
+        .collect();
     let settings = segmenter::settings::load(&root().join("config/segmenter.toml"), &env)
         .unwrap_or_else(|e| panic!("compose's segmenter config does not load: {e}"));
+    let segmenter::settings::HttpAccess::Tokens(tokens) = &settings.http.access else {
+        panic!("compose's API is not guarded: {:?}", settings.http.access);
+    };
+    // The file's comment names its (public, local-only) token; it is the admin token.
+    let comment = read(secret_file);
+    let token = comment
+        .split_whitespace()
+        .find(|word| word.starts_with("sgt_"))
+        .expect("the local token in the comment");
+    assert_eq!(
+        tokens.verify(token).map(|caller| caller.role),
+        Some(segmenter::auth::Role::Admin)
+    );
     assert_eq!(
         text(segmenter, &["build", "dockerfile"]),
         "deploy/Dockerfile"

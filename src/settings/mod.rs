@@ -2,6 +2,7 @@
 //! environment overrides, validated into [`Settings`]. Every problem is collected and reported at
 //! once with file, line, column and a plain-words reason; nothing starts on a broken config.
 
+mod http;
 mod raw;
 mod spans;
 
@@ -17,6 +18,8 @@ use crate::rules::error::line_col;
 use crate::rules::{compile, Program, SegmentDef};
 
 use raw::{RawFile, RawSegment, RawSegmentsFile};
+
+pub use http::{is_loopback, HttpAccess, HttpSettings, PreviewLimits, TlsFiles};
 
 /// One configuration problem, located where possible.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +114,8 @@ pub struct Settings {
     pub state: StateSettings,
     pub pipeline: PipelineSettings,
     pub http_listen: String,
+    /// Access control, limits and TLS of the HTTP API.
+    pub http: HttpSettings,
 }
 
 impl Settings {
@@ -225,6 +230,7 @@ fn with_env_overrides(
                 .list_separator(",")
                 .with_list_parse_key("input.topics")
                 .with_list_parse_key("input.mapping.customer_id")
+                .with_list_parse_key("http.tokens")
                 .source(Some(overrides)),
         )
         .build()
@@ -435,6 +441,12 @@ fn build(
         block_cache_bytes: raw.state.block_cache_mb.unwrap_or(128) << 20,
         sync_writes: raw.state.sync_writes.unwrap_or(false),
     };
+    let http_listen = raw
+        .http
+        .listen
+        .clone()
+        .unwrap_or_else(|| http::DEFAULT_LISTEN.into());
+    let http = http::build(file, &http_listen, raw.http, errors);
     Some(Settings {
         program: Arc::new(program?),
         engine,
@@ -444,7 +456,8 @@ fn build(
         output,
         state,
         pipeline,
-        http_listen: raw.http.listen.unwrap_or_else(|| "0.0.0.0:9898".into()),
+        http_listen,
+        http,
     })
 }
 

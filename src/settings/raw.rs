@@ -130,4 +130,21 @@ pub struct RawState {
 #[serde(deny_unknown_fields)]
 pub struct RawHttp {
     pub listen: Option<String>,
+    /// `"tokens"` (bearer tokens required) or `"none"` (no access control, even off loopback);
+    /// unset: tokens when some are configured.
+    pub auth: Option<String>,
+    /// A file of `NAME:ROLE:sha256:HEX` lines, relative to the config file.
+    pub tokens_file: Option<String>,
+    /// Entries in the tokens-file format (`SEGMENTER__HTTP__TOKENS`, comma-separated).
+    pub tokens: Option<Vec<String>>,
+    pub max_body_bytes: Option<usize>,
+    /// How long one request may take, from its first byte to the answer (e.g. "30s").
+    pub request_timeout: Option<String>,
+    /// Previews running at once; more are answered 429.
+    pub preview_concurrency: Option<usize>,
+    /// Stored customer states one preview reads at most.
+    pub preview_max_scan: Option<u64>,
+    /// PEM files of the certificate chain and its private key: HTTPS instead of HTTP.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }

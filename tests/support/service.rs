@@ -1041,6 +1041,146 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// An HTTP answer: status, headers (names lowercased) and body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The body as JSON; panics (with the answer) if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("answer body is not JSON ({e}): {self:?}"))
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`) with extra `headers`, over plain TCP.
+pub fn request(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &str)>,
+) -> Answer {
+    use std::net::TcpStream;
+    let mut stream = TcpStream::connect(address)
+        .unwrap_or_else(|e| panic!("connecting to the HTTP API at {address}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("setting a read timeout");
+    exchange(&mut stream, address, method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// The same request over TLS, trusting only the CA certificate `ca_pem` and checking the
+/// server's certificate for `server_name`. `Err` when the TLS handshake or the exchange fails.
+pub fn request_tls(
+    address: &str,
+    server_name: &str,
+    ca_pem: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Answer, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::net::TcpStream;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| format!("CA PEM: {e}"))?)
+            .map_err(|e| format!("CA: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
+    let connection =
+        rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(address).map_err(|e| format!("connecting to {address}: {e}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    exchange(&mut stream, address, method, path, headers, None)
+}
+
+fn exchange(
+    stream: &mut impl ReadWrite,
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &str)>,
+) -> Result<Answer, String> {
+    let (content_type, content) = body.unwrap_or(("text/plain", ""));
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+        content.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(content.as_bytes()))
+        .and_then(|()| stream.flush())
+        .map_err(|e| format!("writing the request: {e}"))?;
+    let mut response = Vec::new();
+    if let Err(error) = stream.read_to_end(&mut response) {
+        // rustls reports a peer that closed without close_notify; keep what arrived.
+        if response.is_empty() {
+            return Err(format!("reading the response: {error}"));
+        }
+    }
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("malformed HTTP response: {text:?}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(name, value)| name == "transfer-encoding" && value.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// A byte stream both ways (a TCP or TLS stream).
+pub trait ReadWrite: Read + Write {}
+
+impl<T: Read + Write> ReadWrite for T {}
+
 /// `GET` returning JSON; panics unless the status is `expect`.
 pub fn get_json(address: &str, path: &str, expect: u16) -> Value {
     let (status, body) = http(address, "GET", path, None);
