@@ -38,8 +38,11 @@ fn io(err: rocksdb::Error) -> StoreError {
 }
 
 impl RocksStore {
-    /// Opens (creating if needed) the store at `path`.
+    /// Opens (creating if needed) the store at `path`. A directory that holds RocksDB files
+    /// but no `CURRENT` is refused: RocksDB would create a new, empty database over it and
+    /// delete the old files as obsolete — state silently gone.
     pub fn open(path: &Path, options: RocksOptions) -> Result<RocksStore, StoreError> {
+        refuse_headless_state(path)?;
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
         let mut table_options = BlockBasedOptions::default();
         table_options.set_block_cache(&cache);
@@ -91,6 +94,47 @@ impl RocksStore {
         }
         Ok(())
     }
+}
+
+/// Whether a file name is one RocksDB writes into its directory.
+fn is_rocksdb_file(name: &str) -> bool {
+    name.starts_with("MANIFEST-")
+        || name.starts_with("OPTIONS-")
+        || name == "IDENTITY"
+        || name.ends_with(".sst")
+        || (name.ends_with(".log") && name.chars().next().is_some_and(|c| c.is_ascii_digit()))
+}
+
+/// Refuses a state directory with RocksDB files but no `CURRENT` (see [`RocksStore::open`]).
+fn refuse_headless_state(path: &Path) -> Result<(), StoreError> {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        // Missing (created by the open) or unreadable (the open reports it).
+        return Ok(());
+    };
+    let mut found = Vec::new();
+    let mut current = false;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "CURRENT" {
+            current = true;
+        } else if is_rocksdb_file(&name) {
+            found.push(name);
+        }
+    }
+    if current || found.is_empty() {
+        return Ok(());
+    }
+    found.sort();
+    found.truncate(3);
+    Err(StoreError::Corrupt {
+        key: path.display().to_string(),
+        reason: format!(
+            "the directory holds RocksDB files ({}…) but no CURRENT file; refusing to start \
+             over with empty state (restore CURRENT or the directory from a backup, or remove \
+             the directory to rebuild from the changelog)",
+            found.join(", ")
+        ),
+    })
 }
 
 impl Store for RocksStore {
@@ -257,6 +301,30 @@ mod tests {
         store.write(writes).expect("write");
         seen.push(keys(store.scan_prefix(Table::Members, b"").expect("scan")));
         seen
+    }
+
+    /// Without CURRENT RocksDB would silently create an empty database over the old files.
+    #[test]
+    fn a_state_dir_with_files_but_no_current_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let store = RocksStore::open(dir.path(), RocksOptions::default()).expect("open");
+            let mut writes = WriteSet::default();
+            writes.put(Table::Meta, b"k".to_vec(), b"v".to_vec());
+            store.write(writes).expect("write");
+            store.flush().expect("flush");
+        }
+        std::fs::remove_file(dir.path().join("CURRENT")).expect("removing CURRENT");
+        let refused = RocksStore::open(dir.path(), RocksOptions::default())
+            .err()
+            .expect("refused");
+        let message = refused.to_string();
+        assert!(message.contains("no CURRENT file"), "{message}");
+        assert!(message.contains("MANIFEST-"), "{message}");
+        // An empty directory (or one with unrelated files) is a new store.
+        let empty = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(empty.path().join("lost+found")).expect("mkdir");
+        RocksStore::open(empty.path(), RocksOptions::default()).expect("a new store");
     }
 
     #[test]
