@@ -320,7 +320,7 @@ mod tests {
             .expect("refused");
         let message = refused.to_string();
         assert!(message.contains("no CURRENT file"), "{message}");
-        assert!(message.contains("MANIFEST-"), "{message}");
+        assert!(message.contains("RocksDB files ("), "{message}");
         // An empty directory (or one with unrelated files) is a new store.
         let empty = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir(empty.path().join("lost+found")).expect("mkdir");
