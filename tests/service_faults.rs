@@ -13,8 +13,12 @@ mod tansu;
 #[path = "support/service.rs"]
 mod service;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use segmenter::generate::GeneratorConfig;
@@ -267,17 +271,54 @@ fn free_bytes(path: &Path) -> u64 {
         .unwrap_or_else(|| panic!("cannot parse df output {output:?}"))
 }
 
-/// Fills the filesystem of `dir` with a file until the disk is full; returns the file.
-fn fill(dir: &Path) -> PathBuf {
-    use std::io::Write;
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).expect("creating the filler");
-    let chunk = vec![0x5a_u8; 64 << 10];
-    while file.write_all(&chunk).is_ok() {}
-    let small = vec![0x5a_u8; 512];
-    while file.write_all(&small).is_ok() {}
-    let _ = file.sync_all();
-    path
+/// Keeps the filesystem of `dir` full with a growing file until dropped, then removes the file:
+/// space RocksDB frees (a reopened WAL gives back its preallocation) is taken again at once.
+struct Filler {
+    path: PathBuf,
+    keep_full: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Filler {
+    fn start(dir: &Path) -> Filler {
+        let path = dir.join("filler");
+        let mut file = std::fs::File::create(&path).expect("creating the filler");
+        let keep_full = Arc::new(AtomicBool::new(true));
+        let full = keep_full.clone();
+        let fill = move |file: &mut std::fs::File| {
+            for size in [64 << 10, 512] {
+                let chunk = vec![0x5a_u8; size];
+                while file.write_all(&chunk).is_ok() {}
+            }
+        };
+        fill(&mut file);
+        let thread = thread::spawn(move || {
+            while full.load(Ordering::SeqCst) {
+                fill(&mut file);
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Filler {
+            path,
+            keep_full,
+            thread: Some(thread),
+        }
+    }
+
+    /// Space returns.
+    fn release(&mut self) {
+        self.keep_full.store(false, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for Filler {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 fn scrape(address: &str) -> String {
@@ -347,7 +388,7 @@ fn a_full_disk_stops_intake_and_it_resumes_with_nothing_lost_when_space_returns(
     let before_fault = changes.records.len();
 
     // The disk fills up; then more input arrives.
-    let filler = fill(&mount);
+    let mut filler = Filler::start(&mount);
     eprintln!(
         "disk full: {} bytes free, {before_fault} change records so far",
         free_bytes(&mount)
@@ -363,16 +404,16 @@ fn a_full_disk_stops_intake_and_it_resumes_with_nothing_lost_when_space_returns(
     );
     service.wait_for_log("state write failed", Duration::from_secs(10));
     assert!(
-        service.log_text().contains("kind=no_space"),
+        service.log_text().contains("kind=\"no_space\""),
         "the log line names the reason"
     );
 
     // Stalled: the process lives, nothing new is published or committed.
-    std::thread::sleep(Duration::from_secs(2));
+    thread::sleep(Duration::from_secs(2));
     changes.read_to_end();
     let while_stalled = changes.records.len();
     let committed_stalled = committed(&brokers, &config.group_id);
-    std::thread::sleep(Duration::from_secs(3));
+    thread::sleep(Duration::from_secs(3));
     service.assert_running();
     changes.read_to_end();
     assert_eq!(
@@ -404,7 +445,7 @@ fn a_full_disk_stops_intake_and_it_resumes_with_nothing_lost_when_space_returns(
     );
 
     // Space returns: the service resumes by itself.
-    std::fs::remove_file(&filler).expect("removing the filler");
+    filler.release();
     let freed_at = Instant::now();
     service.wait_for_log("state write succeeded again", Duration::from_secs(120));
     let resumed_after = freed_at.elapsed();

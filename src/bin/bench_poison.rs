@@ -265,11 +265,7 @@ fn preload(
         0
     };
     // Poison message j replaces input line j * every + every / 2.
-    let every = if poison_count == 0 {
-        usize::MAX
-    } else {
-        total / poison_count
-    };
+    let every = total.checked_div(poison_count).unwrap_or(usize::MAX);
     let now = wall_clock_ms();
     let span_ms = (args.events as f64 / 50.0 * 1000.0) as i64;
     let mut kinds = Vec::with_capacity(poison_count);

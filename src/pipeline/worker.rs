@@ -65,6 +65,9 @@ const TICK: Duration = Duration::from_millis(20);
 /// Time between attempts to write a batch after a failed write (disk full, read-only…).
 const WRITE_RETRY: Duration = Duration::from_secs(1);
 
+/// Failed write attempts between attempts to reopen the state store.
+const REOPEN_EVERY: u64 = 5;
+
 /// Batches' worth of messages the cross-topic merge may hold before it must release them.
 const MERGE_BATCHES: usize = 8;
 
@@ -853,7 +856,7 @@ impl Worker {
                     tracing::error!(partition, kind, %error, "state write failed; intake stopped until it succeeds");
                     failing_since = Some(Instant::now());
                 }
-                Some(since) if attempts % 60 == 0 => {
+                Some(since) if attempts.is_multiple_of(60) => {
                     tracing::warn!(
                         partition,
                         kind,
@@ -864,6 +867,16 @@ impl Worker {
                     );
                 }
                 Some(_) => {}
+            }
+            // A failed WAL append leaves RocksDB refusing writes until it is reopened (see
+            // `RocksStore::reopen`); while the disk is still full the reopen fails too.
+            if attempts.is_multiple_of(REOPEN_EVERY) {
+                match self.store.reopen() {
+                    Ok(()) => tracing::info!(partition, attempts, "state store reopened"),
+                    Err(error) => {
+                        tracing::debug!(partition, %error, "reopening the state store failed")
+                    }
+                }
             }
             // Earlier batches' records may still be acknowledged meanwhile.
             let retry_at = Instant::now() + WRITE_RETRY;
