@@ -96,6 +96,7 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub ready: IntGauge,
     pub rocksdb: IntGaugeVec,
+    pub state_write_errors: IntCounterVec,
 }
 
 /// RocksDB properties exported as `segmenter_rocksdb{property=…}`, read at scrape time.
@@ -178,7 +179,8 @@ impl Metrics {
             ),
             timers_fired: counter(
                 "segmenter_timers_fired_total",
-                "Wall-clock timers fired (a customer re-evaluated because time passed).",
+                "Timers fired in either clock (a customer re-evaluated because time passed), including a \
+                 customer's own timer fired just before its event.",
             ),
             timer_lateness_seconds: histogram(
                 "segmenter_timer_lateness_seconds",
@@ -227,6 +229,14 @@ impl Metrics {
                 "RocksDB properties summed over column families, by property.",
                 &["property"],
             ),
+            state_write_errors: counter_vec(
+                "segmenter_state_write_errors_total",
+                "Failed attempts to write a batch's state, outbox and offsets to RocksDB, by kind \
+                 (no_space, read_only, io). The partition's intake stops and the same write is \
+                 retried about once a second until it succeeds; nothing of the batch is \
+                 published or committed before.",
+                &["kind"],
+            ),
             registry,
         };
         for collector in metrics.collectors() {
@@ -254,6 +264,9 @@ impl Metrics {
         for kind in ["transport", "producer_reset", "fatal"] {
             metrics.publish_errors.with_label_values(&[kind]);
         }
+        for kind in ["no_space", "read_only", "io"] {
+            metrics.state_write_errors.with_label_values(&[kind]);
+        }
         Arc::new(metrics)
     }
 
@@ -279,6 +292,7 @@ impl Metrics {
             Box::new(self.assigned_partitions.clone()),
             Box::new(self.ready.clone()),
             Box::new(self.rocksdb.clone()),
+            Box::new(self.state_write_errors.clone()),
         ]
     }
 

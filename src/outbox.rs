@@ -241,31 +241,103 @@ fn membership_value(change: &Change, out: &mut Vec<u8>) {
     let _ = serde_json::to_writer(out, &value);
 }
 
+/// The largest payload a dead letter forwards whole. Kafka's default limits are ~1 MB per
+/// message (librdkafka's `message.max.bytes` = 1,000,000 client side, the broker's
+/// `message.max.bytes` = 1,048,588); a larger input (accepted because the input topic allows it)
+/// would be refused by the producer and stall the partition behind it, so its dead letter
+/// carries the first bytes only, with headers saying so (see docs/FAULTS.md).
+pub const DEAD_LETTER_MAX_PAYLOAD: usize = 900 * 1024;
+/// The largest key a dead letter forwards whole.
+pub const DEAD_LETTER_MAX_KEY: usize = 4 * 1024;
+/// The longest `error` header (a reason's detail can quote the input).
+const DEAD_LETTER_MAX_DETAIL: usize = 1024;
+
+/// The first `max` bytes of `bytes`, and whether that is all of it.
+fn bounded(bytes: &[u8], max: usize) -> (&[u8], bool) {
+    match bytes.get(..max) {
+        Some(head) if bytes.len() > max => (head, true),
+        _ => (bytes, false),
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn bounded_text(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 impl OutboxRecord {
     /// A dead letter: the original message unchanged, with headers saying why and where from.
+    /// A payload over [`DEAD_LETTER_MAX_PAYLOAD`] (or a key over [`DEAD_LETTER_MAX_KEY`]) is
+    /// cut to that size and the record says so: `truncated` names what was cut
+    /// (`payload`, `key` or `key,payload`) and `original_payload_bytes` /
+    /// `original_key_bytes` give the full sizes.
     pub fn dead_letter(
         topics: &Topics,
         source: &SourceRef<'_>,
         reason: &str,
         detail: &str,
     ) -> OutboxRecord {
+        let (key, key_cut) = match source.key {
+            Some(key) => {
+                let (head, cut) = bounded(key, DEAD_LETTER_MAX_KEY);
+                (Some(head.to_vec()), cut)
+            }
+            None => (None, false),
+        };
+        let (payload, payload_cut) = match source.payload {
+            Some(payload) => {
+                let (head, cut) = bounded(payload, DEAD_LETTER_MAX_PAYLOAD);
+                (Some(head.to_vec()), cut)
+            }
+            None => (None, false),
+        };
+        let mut headers = vec![
+            ("reason".into(), reason.as_bytes().to_vec()),
+            (
+                "error".into(),
+                bounded_text(detail, DEAD_LETTER_MAX_DETAIL)
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            ("source_topic".into(), source.topic.as_bytes().to_vec()),
+            (
+                "source_partition".into(),
+                source.partition.to_string().into_bytes(),
+            ),
+            (
+                "source_offset".into(),
+                source.offset.to_string().into_bytes(),
+            ),
+        ];
+        let truncated = match (key_cut, payload_cut) {
+            (false, false) => None,
+            (true, false) => Some("key"),
+            (false, true) => Some("payload"),
+            (true, true) => Some("key,payload"),
+        };
+        if let Some(what) = truncated {
+            headers.push(("truncated".into(), what.as_bytes().to_vec()));
+        }
+        if payload_cut {
+            let size = source.payload.map_or(0, <[u8]>::len);
+            headers.push((
+                "original_payload_bytes".into(),
+                size.to_string().into_bytes(),
+            ));
+        }
+        if key_cut {
+            let size = source.key.map_or(0, <[u8]>::len);
+            headers.push(("original_key_bytes".into(), size.to_string().into_bytes()));
+        }
         OutboxRecord {
             topic: topics.dlq.clone(),
-            key: source.key.map(<[u8]>::to_vec),
-            payload: source.payload.map(<[u8]>::to_vec),
-            headers: vec![
-                ("reason".into(), reason.as_bytes().to_vec()),
-                ("error".into(), detail.as_bytes().to_vec()),
-                ("source_topic".into(), source.topic.as_bytes().to_vec()),
-                (
-                    "source_partition".into(),
-                    source.partition.to_string().into_bytes(),
-                ),
-                (
-                    "source_offset".into(),
-                    source.offset.to_string().into_bytes(),
-                ),
-            ],
+            key,
+            payload,
+            headers,
         }
     }
 
@@ -385,6 +457,77 @@ mod tests {
             payload: Some(b"not json"),
         };
         OutboxRecord::dead_letter(&topics(), &source, "not_json", "expected value")
+    }
+
+    fn header<'a>(record: &'a OutboxRecord, name: &str) -> Option<&'a [u8]> {
+        record
+            .headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    #[test]
+    fn a_dead_letter_within_the_limits_is_the_input_unchanged() {
+        let payload = vec![b'x'; DEAD_LETTER_MAX_PAYLOAD];
+        let source = SourceRef {
+            topic: "clicks",
+            partition: 1,
+            offset: 7,
+            key: Some(b"c-1"),
+            payload: Some(&payload),
+        };
+        let record = OutboxRecord::dead_letter(&topics(), &source, "too_large", "too large");
+        assert_eq!(record.payload.as_deref(), Some(&payload[..]));
+        assert_eq!(record.key.as_deref(), Some(&b"c-1"[..]));
+        assert_eq!(header(&record, "truncated"), None);
+        assert_eq!(header(&record, "reason"), Some(&b"too_large"[..]));
+    }
+
+    /// A 10 MB input cannot be re-published whole under Kafka's default 1 MB limit: its dead
+    /// letter carries the first bytes and says so, with the original sizes.
+    #[test]
+    fn an_oversized_dead_letter_is_truncated_and_says_so() {
+        let payload = vec![b'{'; 10 << 20];
+        let key = vec![b'k'; DEAD_LETTER_MAX_KEY + 1];
+        let detail = "é".repeat(4_000);
+        let source = SourceRef {
+            topic: "clicks",
+            partition: 1,
+            offset: 7,
+            key: Some(&key),
+            payload: Some(&payload),
+        };
+        let record = OutboxRecord::dead_letter(&topics(), &source, "too_large", &detail);
+        assert_eq!(
+            record.payload.as_deref(),
+            Some(&payload[..DEAD_LETTER_MAX_PAYLOAD])
+        );
+        assert_eq!(record.key.as_deref(), Some(&key[..DEAD_LETTER_MAX_KEY]));
+        assert_eq!(header(&record, "truncated"), Some(&b"key,payload"[..]));
+        assert_eq!(
+            header(&record, "original_payload_bytes"),
+            Some(format!("{}", 10 << 20).as_bytes())
+        );
+        assert_eq!(
+            header(&record, "original_key_bytes"),
+            Some(format!("{}", DEAD_LETTER_MAX_KEY + 1).as_bytes())
+        );
+        assert_eq!(header(&record, "reason"), Some(&b"too_large"[..]));
+        let error = header(&record, "error").expect("error header");
+        assert!(error.len() <= DEAD_LETTER_MAX_DETAIL);
+        assert!(std::str::from_utf8(error).is_ok(), "cut on a char boundary");
+        let size: usize = record
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum::<usize>()
+            + DEAD_LETTER_MAX_PAYLOAD
+            + DEAD_LETTER_MAX_KEY;
+        assert!(
+            size < 1_000_000,
+            "fits librdkafka's default message.max.bytes"
+        );
     }
 
     /// (part, topic, key, payload) of every record an entry is published as.

@@ -155,6 +155,8 @@ pub(crate) const QUEUED_BATCHES: usize = 64;
 struct WorkerHandle {
     inputs: SyncSender<WorkerInput>,
     thread: JoinHandle<()>,
+    /// Set before `Stop` is sent (see [`Worker::stop_flag`]).
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Default)]
@@ -306,6 +308,7 @@ impl InputSink for Dispatcher {
                 }
             };
             let inputs = sender;
+            let stop = worker.stop_flag();
             let spawned = std::thread::Builder::new()
                 .name(format!("partition-{partition}"))
                 .spawn(move || worker.run(receiver));
@@ -314,9 +317,14 @@ impl InputSink for Dispatcher {
                 .observe(started.elapsed().as_secs_f64());
             match spawned {
                 Ok(thread) => {
-                    routing
-                        .workers
-                        .insert(partition, WorkerHandle { inputs, thread });
+                    routing.workers.insert(
+                        partition,
+                        WorkerHandle {
+                            inputs,
+                            thread,
+                            stop,
+                        },
+                    );
                 }
                 Err(error) => self
                     .shared
@@ -352,6 +360,7 @@ impl InputSink for Dispatcher {
         let deadline = Instant::now() + self.shared.pipeline.shutdown_timeout;
         for (partition, handle) in handles {
             let (reply, done) = sync_channel(1);
+            handle.stop.store(true, std::sync::atomic::Ordering::SeqCst);
             if handle
                 .inputs
                 .send(WorkerInput::Stop { deadline, reply })

@@ -8,6 +8,7 @@
 //! by the partition's owner, in order with its input.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,10 +55,20 @@ pub enum WorkerError {
     /// the partition) rather than skip the value or start from empty state.
     #[error("corrupt {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// Asked to stop while a batch could not be written (disk full…): nothing of it was
+    /// published or committed, so its input is simply read again at the next start.
+    #[error("stopped with an unwritten batch: {0}")]
+    Unwritten(StoreError),
 }
 
 /// How often an idle worker checks timers and acknowledgements.
 const TICK: Duration = Duration::from_millis(20);
+
+/// Time between attempts to write a batch after a failed write (disk full, read-only…).
+const WRITE_RETRY: Duration = Duration::from_secs(1);
+
+/// Failed write attempts between attempts to reopen the state store.
+const REOPEN_EVERY: u64 = 5;
 
 /// Batches' worth of messages the cross-topic merge may hold before it must release them.
 const MERGE_BATCHES: usize = 8;
@@ -214,6 +225,11 @@ pub struct Worker {
     writes: WriteSet,
     /// Reused to build the Kafka records of change entries.
     publish_buffers: PublishBuffers,
+    /// The engine's fired-timer count already added to `segmenter_timers_fired_total`.
+    timers_counted: u64,
+    /// Set by the dispatcher before it asks the worker to stop, so that a worker retrying a
+    /// failed state write gives up instead of holding the stop up.
+    stop: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -284,15 +300,29 @@ impl Worker {
             offsets: HashMap::new(),
             changes: Vec::new(),
             inputs,
+            timers_counted: 0,
+            stop: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The flag that makes a worker stuck on a failed state write give up (see
+    /// [`WorkerError::Unwritten`]); set it before sending [`WorkerInput::Stop`].
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
     }
 
     /// Runs until stopped; a failure is reported to the shared state (which stops intake).
     pub fn run(mut self, inputs: Receiver<WorkerInput>) {
         let partition = self.partition;
-        if let Err(error) = self.serve(inputs) {
-            tracing::error!(partition, %error, "partition worker failed");
-            self.shared.fail(format!("partition {partition}: {error}"));
+        match self.serve(inputs) {
+            Ok(()) => {}
+            Err(WorkerError::Unwritten(error)) => {
+                tracing::warn!(partition, %error, "stopped with a batch that could not be written; its input is read again at the next start");
+            }
+            Err(error) => {
+                tracing::error!(partition, %error, "partition worker failed");
+                self.shared.fail(format!("partition {partition}: {error}"));
+            }
         }
         self.release_metrics();
     }
@@ -579,7 +609,9 @@ impl Worker {
                 }
             };
             if self.shared.engine.clock == ClockMode::Wall {
-                let now = self.engine.now().unwrap_or_else(|| self.wall_clock());
+                // Against the wall clock, not the engine's: while a timer backlog is worked off
+                // in slices the engine's clock lags, and live events are not from the future.
+                let now = self.wall_clock();
                 let ahead = time::millis_since(now, event.timestamp);
                 if ahead > self.shared.max_future_skew {
                     let error = crate::decode::DecodeError::TooFarInFuture { ahead_ms: ahead };
@@ -596,6 +628,7 @@ impl Worker {
             self.drain_changes(&mut records, Some(origin));
         }
         self.ready = ready;
+        self.count_fired_timers();
         let applied = started.elapsed();
         let produced = records.len();
         self.commit(&mut records)?;
@@ -687,13 +720,24 @@ impl Worker {
         let overdue = self.engine.due_timers(now, 100_000);
         self.series.timers_overdue.set(overdue as i64);
         for due in self.engine.take_fired() {
-            self.metrics.timers_fired.inc();
             self.metrics
                 .timer_lateness_seconds
                 .observe(time::seconds_since(due, now));
         }
+        self.count_fired_timers();
         self.drain_changes(records, None);
         Ok(())
+    }
+
+    /// Adds the timers the engine fired since the last call to `segmenter_timers_fired_total`:
+    /// every firing in either clock — a wall-clock slice, the event clock moving past due
+    /// timers, and a customer's own due timer fired just before its event.
+    fn count_fired_timers(&mut self) {
+        let fired = self.engine.stats().timers_fired;
+        self.metrics
+            .timers_fired
+            .inc_by(fired.saturating_sub(self.timers_counted));
+        self.timers_counted = fired;
     }
 
     /// Wall-clock timers (one bounded slice) and housekeeping of acknowledged records.
@@ -777,7 +821,7 @@ impl Worker {
                 writes.delete(Table::Outbox, keys::outbox(p, seq));
             }
         }
-        self.store.write_ref(&writes)?;
+        self.write_durably(&writes)?;
         writes.clear();
         self.writes = writes;
         for (seq, (entry, pending)) in encoded.into_iter().zip(records.drain(..)) {
@@ -793,6 +837,74 @@ impl Worker {
             .set(self.engine.pending_timers() as i64);
         self.series.outbox_pending.set(self.unacked_records as i64);
         Ok(())
+    }
+
+    /// Writes a batch, retrying until it succeeds: a full disk or a read-only remount stops
+    /// this partition's intake (nothing of the batch is published, no offset moves), is counted
+    /// in `segmenter_state_write_errors_total` and logged, and the same batch is written once
+    /// space returns. Only a stop request ends the wait ([`WorkerError::Unwritten`]).
+    fn write_durably(&mut self, writes: &WriteSet) -> Result<(), WorkerError> {
+        let partition = self.partition;
+        let mut failing_since: Option<Instant> = None;
+        let mut attempts: u64 = 0;
+        loop {
+            let error = match self.store.write_ref(writes) {
+                Ok(()) => {
+                    if let Some(since) = failing_since {
+                        tracing::info!(
+                            partition,
+                            attempts,
+                            stalled_ms = since.elapsed().as_millis() as u64,
+                            "state write succeeded again; intake resumes"
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
+            attempts += 1;
+            let kind = write_error_kind(&error);
+            self.metrics
+                .state_write_errors
+                .with_label_values(&[kind])
+                .inc();
+            match failing_since {
+                None => {
+                    tracing::error!(partition, kind, %error, "state write failed; intake stopped until it succeeds");
+                    failing_since = Some(Instant::now());
+                }
+                Some(since) if attempts.is_multiple_of(60) => {
+                    tracing::warn!(
+                        partition,
+                        kind,
+                        attempts,
+                        stalled_ms = since.elapsed().as_millis() as u64,
+                        %error,
+                        "state write still failing"
+                    );
+                }
+                Some(_) => {}
+            }
+            // A failed WAL append leaves RocksDB refusing writes until it is reopened (see
+            // `RocksStore::reopen`); while the disk is still full the reopen fails too.
+            if attempts.is_multiple_of(REOPEN_EVERY) {
+                match self.store.reopen() {
+                    Ok(()) => tracing::info!(partition, attempts, "state store reopened"),
+                    Err(error) => {
+                        tracing::debug!(partition, %error, "reopening the state store failed")
+                    }
+                }
+            }
+            // Earlier batches' records may still be acknowledged meanwhile.
+            let retry_at = Instant::now() + WRITE_RETRY;
+            while Instant::now() < retry_at {
+                if self.stop.load(Ordering::SeqCst) {
+                    return Err(WorkerError::Unwritten(error));
+                }
+                self.collect_acks();
+                std::thread::sleep(TICK);
+            }
+        }
     }
 
     fn collect_acks(&mut self) {
@@ -860,6 +972,18 @@ impl Worker {
             );
         }
         self.commit(&mut Vec::new())
+    }
+}
+
+/// The `kind` label of a failed state write.
+fn write_error_kind(error: &StoreError) -> &'static str {
+    let text = error.to_string();
+    if text.contains("No space left on device") || text.contains("NoSpace") {
+        "no_space"
+    } else if text.contains("Read-only file system") {
+        "read_only"
+    } else {
+        "io"
     }
 }
 
@@ -1064,6 +1188,16 @@ mod tests {
 
     impl Fixture {
         fn new() -> Fixture {
+            Fixture::with(
+                "",
+                "count(\"Order Completed\", 7d) >= 1",
+                Box::new(crate::pipeline::wall_clock_ms),
+            )
+        }
+
+        /// `engine`: extra `[engine]` settings (TOML lines); `rule`: the `buyer` segment's rule;
+        /// `clock`: the workers' wall clock.
+        fn with(engine: &str, rule: &str, clock: Box<dyn Fn() -> Millis + Send + Sync>) -> Fixture {
             let cluster = MockCluster::new(1).expect("mock cluster");
             let brokers = cluster.bootstrap_servers();
             for topic in ["segment-changes", "segment-membership", "segmenter-dlq"] {
@@ -1074,8 +1208,8 @@ mod tests {
             std::fs::write(
                 &config,
                 format!(
-                    "[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\n\n\
-                     [state]\ndir = \"{}\"\n\n[[segment]]\nid = \"buyer\"\nrule = 'count(\"Order Completed\", 7d) >= 1'\n",
+                    "[engine]\n{engine}\n\n[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\n\n\
+                     [state]\ndir = \"{}\"\n\n[[segment]]\nid = \"buyer\"\nrule = '{rule}'\n",
                     dir.path().join("state").display()
                 ),
             )
@@ -1096,7 +1230,7 @@ mod tests {
                 membership: "segment-membership".into(),
                 dlq: "segmenter-dlq".into(),
             };
-            let shared = Arc::new(Shared::new(
+            let mut shared = Shared::new(
                 settings.program.clone(),
                 settings.engine,
                 store.clone(),
@@ -1108,7 +1242,9 @@ mod tests {
                 settings.max_future_skew,
                 settings.input.topics.clone(),
                 metrics,
-            ));
+            );
+            shared.clock = clock;
+            let shared = Arc::new(shared);
             Fixture {
                 _cluster: cluster,
                 brokers,
@@ -1174,6 +1310,106 @@ mod tests {
                 .expect("count"),
             0
         );
+    }
+
+    /// A page view of `customer` at `at`, as the consumer hands it over.
+    fn page_view(customer: &str, offset: i64, at: Millis) -> InputMessage {
+        let payload = format!(
+            r#"{{"type":"page","userId":"{customer}","messageId":"m-{offset}","timestamp":{at}}}"#
+        );
+        InputMessage {
+            topic: Arc::from("events"),
+            partition: 0,
+            offset,
+            timestamp: Some(at),
+            key: Some(customer.as_bytes().to_vec()),
+            payload: Some(payload.into_bytes()),
+        }
+    }
+
+    /// One micro-batch through the worker, as `serve` runs it.
+    fn feed(worker: &mut Worker, batch: Vec<InputMessage>) {
+        worker.merger.push(batch, Instant::now());
+        worker.process(true).expect("processing a batch");
+    }
+
+    /// `idle` customers (no activity for an hour) enter only when their timer fires, and leave
+    /// only on an event: so the `entered` count is the number of timers fired.
+    const IDLE: &str = "since(last(any)) >= 1h";
+    const T0: Millis = 1_793_491_200_000;
+    const HOUR: Millis = 3_600_000;
+
+    /// Event clock: timers fire when an event moves the partition's clock past them, and every
+    /// such firing is counted.
+    #[test]
+    fn event_clock_timer_firings_are_counted() {
+        let fx = Fixture::with(
+            "clock = \"event\"",
+            IDLE,
+            Box::new(crate::pipeline::wall_clock_ms),
+        );
+        let mut worker = Worker::open(0, fx.shared.clone(), Vec::new()).expect("opening");
+        let metrics = fx.shared.metrics.clone();
+        feed(
+            &mut worker,
+            vec![
+                page_view("a", 0, T0),
+                page_view("b", 1, T0 + 60_000),
+                page_view("c", 2, T0 + 120_000),
+            ],
+        );
+        assert_eq!(metrics.timers_fired.get(), 0, "nothing is due yet");
+        // d's event moves the clock 5 h on: a, b and c's timers fire before it.
+        feed(&mut worker, vec![page_view("d", 3, T0 + 5 * HOUR)]);
+        assert_eq!(metrics.timers_fired.get(), 3);
+        // a comes back (exits); then e's event fires d's and a's new timers.
+        feed(&mut worker, vec![page_view("a", 4, T0 + 5 * HOUR + 1)]);
+        feed(&mut worker, vec![page_view("e", 5, T0 + 8 * HOUR)]);
+        let entered = fx.shared.metrics.segment_series("buyer").entered.get();
+        assert_eq!(entered, 5, "a, b, c, d and a again became idle");
+        assert_eq!(metrics.timers_fired.get(), entered);
+        assert_eq!(worker.engine.stats().timers_fired, entered);
+    }
+
+    /// Wall clock: timers fire in bounded slices between batches and on ticks; every firing is
+    /// counted once, and each has its lateness observed.
+    #[test]
+    fn wall_clock_timer_firings_are_counted() {
+        let wall = Arc::new(std::sync::atomic::AtomicI64::new(T0));
+        let clock = wall.clone();
+        let fx = Fixture::with(
+            "clock = \"wall\"\ntimer_slice = 1",
+            IDLE,
+            Box::new(move || clock.load(std::sync::atomic::Ordering::SeqCst)),
+        );
+        let mut worker = Worker::open(0, fx.shared.clone(), Vec::new()).expect("opening");
+        let metrics = fx.shared.metrics.clone();
+        let batch = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, customer)| page_view(customer, i as i64, T0))
+            .collect();
+        feed(&mut worker, batch);
+        assert_eq!(metrics.timers_fired.get(), 0);
+        wall.store(T0 + 2 * HOUR, std::sync::atomic::Ordering::SeqCst);
+        // One timer per slice: one before e's batch, then one per tick.
+        feed(&mut worker, vec![page_view("e", 4, T0 + 2 * HOUR)]);
+        assert_eq!(metrics.timers_fired.get(), 1);
+        assert_eq!(
+            metrics
+                .dead_letters
+                .with_label_values(&["future_timestamp"])
+                .get(),
+            0,
+            "a live event is not from the future while timers lag behind the wall clock"
+        );
+        for _ in 0..5 {
+            worker.tick().expect("tick");
+        }
+        let entered = fx.shared.metrics.segment_series("buyer").entered.get();
+        assert_eq!(entered, 4, "a, b, c and d became idle");
+        assert_eq!(metrics.timers_fired.get(), entered);
+        assert_eq!(metrics.timer_lateness_seconds.get_sample_count(), entered);
     }
 
     /// librdkafka's idempotent producer can fail as a whole (seen with tansu: "sequence

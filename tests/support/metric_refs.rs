@@ -97,6 +97,7 @@ impl Catalogue {
         add(&m.assigned_partitions, kind(&m.assigned_partitions));
         add(&m.ready, kind(&m.ready));
         add(&m.rocksdb, kind(&m.rocksdb));
+        add(&m.state_write_errors, kind(&m.state_write_errors));
         let listed: Vec<String> = families.keys().cloned().collect();
         assert_eq!(
             listed,
