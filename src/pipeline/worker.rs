@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
@@ -212,6 +212,10 @@ pub struct Worker {
     writes: WriteSet,
     /// Reused to build the Kafka records of change entries.
     publish_buffers: PublishBuffers,
+    /// Set (to the stop deadline) by the dispatcher *before* it sends [`WorkerInput::Stop`]:
+    /// a worker blocked on a full producer queue or paused on a full backlog, with Kafka gone,
+    /// cannot read its channel, so this is how it learns to stop waiting.
+    stop_at: Arc<OnceLock<Instant>>,
 }
 
 impl Worker {
@@ -283,7 +287,18 @@ impl Worker {
             offsets: HashMap::new(),
             changes: Vec::new(),
             inputs,
+            stop_at: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Where the dispatcher sets this worker's stop deadline (see [`Worker::stop_at`]).
+    pub fn stop_handle(&self) -> Arc<OnceLock<Instant>> {
+        self.stop_at.clone()
+    }
+
+    /// A stop was requested (the Stop message may still be queued behind other input).
+    fn stop_requested(&self) -> bool {
+        self.stop_at.get().is_some()
     }
 
     /// Runs until stopped; a failure is reported to the shared state (which stops intake).
@@ -313,7 +328,9 @@ impl Worker {
         loop {
             self.follow_producer()?;
             self.collect_acks();
-            if self.unacked_records >= self.shared.pipeline.max_outbox_backlog {
+            if self.unacked_records >= self.shared.pipeline.max_outbox_backlog
+                && !self.stop_requested()
+            {
                 // Kafka is slower than intake: stop taking input until the backlog drains.
                 std::thread::sleep(TICK);
                 self.tick()?;
@@ -395,6 +412,14 @@ impl Worker {
     fn publish(&mut self, seq: u64, entry: &OutboxEntry, acked: u8) -> Result<(), WorkerError> {
         let producer = &self.producer;
         let partition = self.partition;
+        let stop_at = &self.stop_at;
+        // Waiting on a full queue ends at the stop deadline: what is not handed over by then
+        // stays in the outbox (the drain reports it) and is published at the next start.
+        let give_up = || {
+            stop_at
+                .get()
+                .is_some_and(|deadline| Instant::now() >= *deadline)
+        };
         let sent = entry.publish(
             &self.shared.topics,
             &mut self.publish_buffers,
@@ -402,7 +427,7 @@ impl Worker {
                 if acked & 1u8.checked_shl(u32::from(part)).unwrap_or(0) != 0 {
                     return Ok(());
                 }
-                kafka::send(producer, partition, seq, part, record)
+                kafka::send(producer, partition, seq, part, record, &give_up).map(|_| ())
             },
         );
         match sent {
@@ -1044,13 +1069,24 @@ mod tests {
             for topic in ["segment-changes", "segment-membership", "segmenter-dlq"] {
                 cluster.create_topic(topic, 1, 1).expect("creating a topic");
             }
+            Fixture::with_kafka(cluster, &brokers, "")
+        }
+
+        /// A fixture whose service settings point at `brokers`, with `extra` TOML appended
+        /// (e.g. `[kafka.producer]` settings).
+        fn with_kafka(
+            cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+            brokers: &str,
+            extra: &str,
+        ) -> Fixture {
+            let brokers = brokers.to_string();
             let dir = tempfile::tempdir().expect("temp dir");
             let config = dir.path().join("segmenter.toml");
             std::fs::write(
                 &config,
                 format!(
                     "[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\n\n\
-                     [state]\ndir = \"{}\"\n\n[[segment]]\nid = \"buyer\"\nrule = 'count(\"Order Completed\", 7d) >= 1'\n",
+                     [state]\ndir = \"{}\"\n\n[[segment]]\nid = \"buyer\"\nrule = 'count(\"Order Completed\", 7d) >= 1'\n{extra}",
                     dir.path().join("state").display()
                 ),
             )
@@ -1251,5 +1287,56 @@ mod tests {
             .map(|c| format!("{}/buyer", c.customer_id).into_bytes())
             .collect();
         assert_eq!(read("segment-membership"), expected);
+    }
+
+    /// With Kafka unreachable and the producer's queue full, a worker re-publishing its outbox
+    /// is stuck waiting for room; a stop must still end it by its deadline (it used to wait
+    /// forever, so shutdown hung), and nothing leaves the outbox that Kafka did not take.
+    #[test]
+    fn a_stop_ends_a_wait_on_a_full_producer_queue_with_kafka_unreachable() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        // Nothing listens on port 1: every record stays queued, and the queue holds one.
+        let fx = Fixture::with_kafka(
+            cluster,
+            "127.0.0.1:1",
+            "\n[kafka.producer]\n\"queue.buffering.max.messages\" = \"1\"\n",
+        );
+        let (store, shared) = (&fx.store, &fx.shared);
+        let mut writes = WriteSet::default();
+        for seq in 0..5 {
+            let entry = OutboxEntry::Change(change(&format!("c-{seq}"), seq));
+            writes.put(Table::Outbox, keys::outbox(0, seq), entry.encode());
+        }
+        store.write(writes).expect("writing the outbox");
+
+        let worker = Worker::open(0, shared.clone(), Vec::new()).expect("opening the worker");
+        let stop_at = worker.stop_handle();
+        let (to_worker, inputs) = std::sync::mpsc::sync_channel(4);
+        let running = std::thread::spawn(move || worker.run(inputs));
+        // Re-publishing the outbox fills the queue at the first entry's second record.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !running.is_finished(),
+            "the worker waits for room in the queue"
+        );
+
+        // What the dispatcher does on shutdown or revocation.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        stop_at
+            .set(deadline)
+            .expect("the stop deadline is set once");
+        let (reply, stopped) = std::sync::mpsc::sync_channel(1);
+        to_worker
+            .send(WorkerInput::Stop { deadline, reply })
+            .expect("the worker's channel has room");
+        stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the worker stopped within 10 s of a 500 ms deadline");
+        running.join().expect("worker thread");
+        assert_eq!(shared.failure.lock().ok().and_then(|f| f.clone()), None);
+        let left = store
+            .scan_prefix(Table::Outbox, &keys::partition_prefix(0))
+            .expect("scanning the outbox");
+        assert_eq!(left.len(), 5, "every unpublished entry stays in the outbox");
     }
 }

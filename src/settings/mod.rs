@@ -3,6 +3,7 @@
 //! once with file, line, column and a plain-words reason; nothing starts on a broken config.
 
 mod raw;
+mod secrets;
 mod spans;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use crate::rules::error::line_col;
 use crate::rules::{compile, Program, SegmentDef};
 
 use raw::{RawFile, RawSegment, RawSegmentsFile};
+pub use secrets::{is_secret_key, KafkaSecret, Secret, SecretSource, SECRET_KEYS};
 
 /// One configuration problem, located where possible.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +71,9 @@ pub struct KafkaSettings {
     pub client: BTreeMap<String, String>,
     pub consumer: BTreeMap<String, String>,
     pub producer: BTreeMap<String, String>,
+    /// `[kafka.secrets]`, read from the environment or files (values redacted in `Debug`);
+    /// applied to every client after the pass-through settings.
+    pub secrets: Vec<KafkaSecret>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +141,13 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<Settings, ConfigErr
         toml::from_str(&text).map_err(|err| ConfigErrors(vec![toml_error(&file, &text, &err)]))?;
     let sections = with_env_overrides(&file, &text, env)?;
     let mut errors = Vec::new();
+    let config_dir = path.parent().unwrap_or(Path::new("."));
+    let pass_through = secrets::PassThrough {
+        client: &sections.kafka.client,
+        consumer: &sections.kafka.consumer,
+        producer: &sections.kafka.producer,
+    };
+    let kafka_secrets = secrets::resolve(&file, &text, config_dir, pass_through, env, &mut errors);
     let mut sources: Vec<(String, String, Vec<RawSegment>)> =
         vec![(file.clone(), text, spanned.segment)];
     if let Some(extra) = &spanned.segments_file {
@@ -156,7 +168,10 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<Settings, ConfigErr
     let program = compile_segments(&sources, &mut errors);
     let settings = build(&file, sections, program, &mut errors);
     match settings {
-        Some(settings) if errors.is_empty() => Ok(settings),
+        Some(mut settings) if errors.is_empty() => {
+            settings.kafka.secrets = kafka_secrets;
+            Ok(settings)
+        }
         _ => Err(ConfigErrors(errors)),
     }
 }
@@ -376,6 +391,7 @@ fn build(
         client: raw.kafka.client,
         consumer: raw.kafka.consumer,
         producer: raw.kafka.producer,
+        secrets: Vec::new(),
     };
     let output = OutputSettings {
         changes_topic: raw
