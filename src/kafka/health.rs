@@ -209,7 +209,18 @@ fn diagnose_certificate(broker: &str, trust: &TlsTrust) -> Option<String> {
     let (host, _) = broker.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let mut builder = SslConnector::builder(SslMethod::tls_client()).ok()?;
-    builder.set_verify(SslVerifyMode::PEER);
+    // After a failed handshake OpenSSL no longer holds the peer's certificate: note the first
+    // one that fails verification (and why) while it is being verified.
+    let refused: Arc<Mutex<Option<(X509VerifyResult, String)>>> = Arc::new(Mutex::new(None));
+    let noted = refused.clone();
+    builder.set_verify_callback(SslVerifyMode::PEER, move |preverified, context| {
+        if !preverified {
+            if let (Some(cert), Ok(mut slot)) = (context.current_cert(), noted.lock()) {
+                slot.get_or_insert((context.error(), describe(cert)));
+            }
+        }
+        preverified
+    });
     load_trust(&mut builder, trust)?;
     let connector = builder.build();
     let mut config = connector.configure().ok()?;
@@ -221,16 +232,15 @@ fn diagnose_certificate(broker: &str, trust: &TlsTrust) -> Option<String> {
     match config.connect(host, stream) {
         Ok(_) => None,
         Err(HandshakeError::Failure(failed)) => {
-            let ssl = failed.ssl();
-            let verdict = ssl.verify_result();
+            let noted = refused.lock().ok().and_then(|slot| slot.clone());
+            if let Some((verdict, certificate)) = noted {
+                return Some(format!("{}{certificate}", verdict.error_string()));
+            }
+            let verdict = failed.ssl().verify_result();
             if verdict == X509VerifyResult::OK {
                 return Some(failed.error().to_string());
             }
-            let certificate = ssl
-                .peer_certificate()
-                .map(|cert| describe(&cert))
-                .unwrap_or_default();
-            Some(format!("{}{certificate}", verdict.error_string()))
+            Some(verdict.error_string().to_string())
         }
         Err(other) => Some(other.to_string()),
     }
@@ -264,7 +274,7 @@ fn load_trust(builder: &mut openssl::ssl::SslConnectorBuilder, trust: &TlsTrust)
 }
 
 /// ` (certificate CN=…, issued by CN=…, valid from … until …)`.
-fn describe(cert: &X509) -> String {
+fn describe(cert: &openssl::x509::X509Ref) -> String {
     format!(
         " (certificate {}, issued by {}, valid from {} until {})",
         name_of(cert.subject_name()),
