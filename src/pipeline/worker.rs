@@ -1339,4 +1339,47 @@ mod tests {
             .expect("scanning the outbox");
         assert_eq!(left.len(), 5, "every unpublished entry stays in the outbox");
     }
+
+    /// The same through the dispatcher, as `segmenter run` shuts down: the worker of an
+    /// assigned partition is stuck on a full queue with Kafka unreachable, and shutdown still
+    /// returns soon after `engine.shutdown_timeout` (it used to wait forever).
+    #[test]
+    fn shutdown_returns_by_its_deadline_with_kafka_unreachable_and_the_queue_full() {
+        use crate::kafka::consumer::InputSink;
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let fx = Fixture::with_kafka(
+            cluster,
+            "127.0.0.1:1",
+            "\n[kafka.producer]\n\"queue.buffering.max.messages\" = \"1\"\n\n[engine]\nshutdown_timeout = \"1s\"\n",
+        );
+        let mut writes = WriteSet::default();
+        for seq in 0..5 {
+            let entry = OutboxEntry::Change(change(&format!("c-{seq}"), seq));
+            writes.put(Table::Outbox, keys::outbox(0, seq), entry.encode());
+        }
+        fx.store.write(writes).expect("writing the outbox");
+        let dispatcher = Arc::new(super::super::Dispatcher::new(fx.shared.clone()));
+        dispatcher.assigned(&[0], Vec::new());
+        std::thread::sleep(Duration::from_millis(300));
+
+        let (done, stopped) = std::sync::mpsc::sync_channel(1);
+        let stopping = dispatcher.clone();
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            stopping.shutdown();
+            let _ = done.send(());
+        });
+        stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("shutdown returned within 10 s of a 1 s shutdown timeout");
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "it waited for the deadline"
+        );
+        let left = fx
+            .store
+            .scan_prefix(Table::Outbox, &keys::partition_prefix(0))
+            .expect("scanning the outbox");
+        assert_eq!(left.len(), 5, "every unpublished entry stays in the outbox");
+    }
 }
