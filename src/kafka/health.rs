@@ -29,6 +29,9 @@ const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// follows it.
 const SPECIFIC_WINS_FOR: Duration = Duration::from_secs(30);
 
+/// A client's errors of one kind are logged at most this often (the rest are counted).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// At most one certificate diagnosis per this interval.
 const DIAGNOSE_EVERY: Duration = Duration::from_secs(30);
 
@@ -63,6 +66,9 @@ pub struct ClientHealth {
     trust: TlsTrust,
     diagnosing: AtomicBool,
     last_diagnosis: Mutex<Option<Instant>>,
+    /// When each (client, kind) was last logged, and how many reports were not logged since:
+    /// librdkafka reports a persisting failure many times a second across its brokers.
+    logged: Mutex<Vec<(String, Kind, Instant, u64)>>,
 }
 
 impl ClientHealth {
@@ -84,6 +90,7 @@ impl ClientHealth {
             trust,
             diagnosing: AtomicBool::new(false),
             last_diagnosis: Mutex::new(None),
+            logged: Mutex::new(Vec::new()),
         })
     }
 
@@ -95,7 +102,9 @@ impl ClientHealth {
             _ if reason.contains("certificate verify failed") => Kind::Tls,
             _ => Kind::Transport,
         };
-        tracing::warn!(client, %error, reason, "kafka client error (retrying)");
+        if let Some(suppressed) = self.due_for_log(client, kind) {
+            tracing::warn!(client, %error, reason, suppressed, "kafka client error (retrying)");
+        }
         let text = match kind {
             Kind::Tls => format!("TLS handshake refused: {reason}"),
             Kind::Authentication => format!("SASL authentication failed: {reason}"),
@@ -104,6 +113,34 @@ impl ClientHealth {
         self.record(kind, text);
         if kind == Kind::Tls && reason.contains("certificate verify failed") {
             self.diagnose_in_background(reason);
+        }
+    }
+
+    /// `Some(reports not logged since the last line)` when this (client, kind) may be logged
+    /// again: at most once per [`LOG_EVERY`].
+    fn due_for_log(&self, client: &str, kind: Kind) -> Option<u64> {
+        let Ok(mut logged) = self.logged.lock() else {
+            return Some(0);
+        };
+        let now = Instant::now();
+        let found = logged
+            .iter_mut()
+            .find(|(c, k, _, _)| c == client && *k == kind);
+        match found {
+            None => {
+                logged.push((client.to_string(), kind, now, 0));
+                Some(0)
+            }
+            Some((_, _, at, skipped)) if now.duration_since(*at) >= LOG_EVERY => {
+                let suppressed = *skipped;
+                *at = now;
+                *skipped = 0;
+                Some(suppressed)
+            }
+            Some((_, _, _, skipped)) => {
+                *skipped += 1;
+                None
+            }
         }
     }
 
