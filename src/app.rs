@@ -59,7 +59,7 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     ));
     let dispatcher = Arc::new(Dispatcher::new(shared.clone()));
     let sink: Arc<dyn InputSink> = dispatcher.clone();
-    let consumer = group_consumer(&settings.kafka, sink, metrics)?;
+    let consumer = group_consumer(&settings.kafka, sink, metrics, publisher.health())?;
 
     // Up before Kafka is: liveness and (un)readiness answer while the service waits for it.
     let api = Arc::new(
@@ -68,7 +68,8 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     let http = start_http(&settings, api, shutdown.clone()).await?;
     let _http = AbortOnDrop(http);
 
-    let Some(partitions) = wait_for_inputs(&consumer, &settings, &shutdown).await? else {
+    let health = publisher.health();
+    let Some(partitions) = wait_for_inputs(&consumer, &settings, &shutdown, &health).await? else {
         return Ok(());
     };
     let output_partitions = settings.output.partitions.unwrap_or(partitions);
@@ -200,16 +201,21 @@ async fn wait_for_inputs(
     consumer: &kafka::consumer::GroupConsumer,
     settings: &Settings,
     shutdown: &AtomicBool,
+    health: &kafka::ClientHealth,
 ) -> anyhow::Result<Option<i32>> {
     let mut delay = Duration::from_millis(250);
     loop {
         match kafka::input_partitions(consumer, &settings.input.topics, Duration::from_secs(5)) {
-            Ok(partitions) => return Ok(Some(partitions)),
+            Ok(partitions) => {
+                health.clear();
+                return Ok(Some(partitions));
+            }
             Err(KafkaSetupError::NotCoPartitioned(detail)) => {
                 anyhow::bail!("input topics are not co-partitioned: {detail}")
             }
             Err(error) => tracing::warn!(%error, "waiting for kafka and the input topics"),
         }
+        kafka::consumer::serve_callbacks(consumer);
         if shutdown.load(Ordering::Relaxed) {
             return Ok(None);
         }

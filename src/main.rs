@@ -262,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             print_plan(&settings.program);
+            print_secret_sources(&settings.kafka);
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay {
@@ -334,6 +335,18 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Where each Kafka secret was read from (never the value).
+fn print_secret_sources(kafka: &settings::KafkaSettings) {
+    if kafka.secrets.is_empty() {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\nkafka secrets (values not shown):");
+    for secret in &kafka.secrets {
+        let _ = writeln!(out, "  {} from {}", secret.key, secret.source);
     }
 }
 

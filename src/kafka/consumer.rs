@@ -17,7 +17,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Statistics};
 
-use super::{client, consumer_config, KafkaSetupError};
+use super::{client, consumer_config, ClientHealth, KafkaSetupError};
 use crate::metrics::Metrics;
 use crate::settings::KafkaSettings;
 
@@ -146,9 +146,16 @@ pub struct SinkContext {
     metrics: Arc<Metrics>,
     /// The consumer this context belongs to (set right after creation), to split queues.
     consumer: OnceLock<Weak<GroupConsumer>>,
+    /// Where connection problems (TLS, SASL, unreachable brokers) are reported.
+    health: Arc<ClientHealth>,
 }
 
 impl ClientContext for SinkContext {
+    /// librdkafka retries connection errors itself; they are reported for `/readyz`.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.health.report("consumer", &error, reason);
+    }
+
     /// Consumer lag per owned partition, from librdkafka's periodic statistics: the partition's
     /// high watermark minus the offset committed for it (which segmenter commits only once the
     /// input's effects are durable and published), or minus the consumer's position before the
@@ -219,6 +226,7 @@ impl ConsumerContext for SinkContext {
                         });
                     }
                 }
+                self.health.clear();
                 tracing::info!(?partitions, "partitions assigned");
                 if let Err(error) = consumer.assign(&positioned) {
                     tracing::error!(%error, "assign failed");
@@ -275,12 +283,14 @@ pub fn group_consumer(
     settings: &KafkaSettings,
     sink: Arc<dyn InputSink>,
     metrics: Arc<Metrics>,
+    health: Arc<ClientHealth>,
 ) -> Result<Arc<GroupConsumer>, KafkaSetupError> {
     let consumer: GroupConsumer = consumer_config(settings)
         .create_with_context(SinkContext {
             sink,
             metrics,
             consumer: OnceLock::new(),
+            health,
         })
         .map_err(client("creating the consumer"))?;
     let consumer = Arc::new(consumer);
@@ -329,6 +339,14 @@ pub fn poll_loop(
         }
     }
     Ok(())
+}
+
+/// Serves the consumer's callbacks (its connection errors, for `/readyz`) before it is
+/// subscribed, while the service waits for Kafka; no message can arrive yet.
+pub fn serve_callbacks(consumer: &GroupConsumer) {
+    if let Some(Err(error)) = consumer.poll(Duration::ZERO) {
+        tracing::debug!(%error, "consumer error before subscribing");
+    }
 }
 
 /// Commits offsets to Kafka (best effort: they are informational).

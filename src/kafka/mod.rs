@@ -21,6 +21,9 @@ use crate::outbox::Publish;
 use crate::settings::KafkaSettings;
 
 pub mod consumer;
+pub mod health;
+
+pub use health::ClientHealth;
 
 /// Kafka-side failures, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,13 @@ pub enum KafkaSetupError {
         what: String,
         #[source]
         source: KafkaError,
+    },
+    /// librdkafka refused a property (the value is left out: it may be a secret).
+    #[error("kafka: {what}: configuration property {key:?}: {reason}")]
+    Config {
+        what: String,
+        key: String,
+        reason: String,
     },
     #[error("input topics are not co-partitioned: {0}")]
     NotCoPartitioned(String),
@@ -41,15 +51,26 @@ pub enum KafkaSetupError {
 
 fn client(what: impl Into<String>) -> impl FnOnce(KafkaError) -> KafkaSetupError {
     let what = what.into();
-    move |source| KafkaSetupError::Client { what, source }
+    move |source| match source {
+        // rdkafka's message for a refused property ends with the value, which may be a secret
+        // (or a secret set under a misspelt key): keep the key and librdkafka's reason only.
+        KafkaError::ClientConfig(_, reason, key, _) => {
+            KafkaSetupError::Config { what, key, reason }
+        }
+        source => KafkaSetupError::Client { what, source },
+    }
 }
 
-/// Brokers plus every `[kafka.client]` pass-through setting (security, SASL, TLS…).
+/// Brokers plus every `[kafka.client]` pass-through setting (security, SASL, TLS…) and the
+/// `[kafka.secrets]` read from the environment or files.
 pub fn base_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.brokers);
     for (key, value) in &settings.client {
         config.set(key, value);
+    }
+    for secret in &settings.secrets {
+        config.set(&secret.key, secret.value.expose());
     }
     config
 }
@@ -172,6 +193,8 @@ pub struct DeliveryContext {
     pub metrics: Arc<Metrics>,
     /// Which producer of the [`Publisher`] this is.
     pub generation: u64,
+    /// Where connection problems (TLS, SASL, unreachable brokers) are reported.
+    pub health: Arc<ClientHealth>,
 }
 
 impl ClientContext for DeliveryContext {
@@ -193,7 +216,7 @@ impl ClientContext for DeliveryContext {
             .publish_errors
             .with_label_values(&["transport"])
             .inc();
-        tracing::warn!(%error, reason, "producer error (retried)");
+        self.health.report("producer", &error, reason);
     }
 }
 
@@ -254,15 +277,30 @@ impl ProducerContext for DeliveryContext {
 
 pub type Producer = ThreadedProducer<DeliveryContext>;
 
+/// What [`send`] did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Handed to the producer; its acknowledgement will arrive on the [`AckBoard`].
+    Queued,
+    /// The producer's queue stayed full until `give_up` said stop (shutdown or revocation with
+    /// Kafka unreachable): the record was not handed over and stays in the outbox.
+    GaveUp,
+}
+
+/// How long [`send`] sleeps between attempts while the producer's queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+
 /// Enqueues part `part` of outbox entry `seq` for delivery; its acknowledgement arrives on the
-/// [`AckBoard`] under `partition`. A full local queue means wait, never drop.
+/// [`AckBoard`] under `partition`. A full local queue means wait, never drop — until `give_up`
+/// returns true (checked between attempts), so a stop with Kafka gone is not held up forever.
 pub fn send(
     producer: &Producer,
     partition: i32,
     seq: u64,
     part: u8,
     record: Publish<'_>,
-) -> Result<(), KafkaError> {
+    give_up: &dyn Fn() -> bool,
+) -> Result<Enqueued, KafkaError> {
     let mut base: BaseRecord<'_, [u8], [u8], Box<RecordRef>> =
         BaseRecord::with_opaque_to(record.topic, Box::new((partition, seq, part)));
     // Only dead letters carry headers; an empty list would still be allocated by librdkafka
@@ -285,10 +323,13 @@ pub fn send(
     }
     loop {
         match producer.send(base) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(Enqueued::Queued),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                if give_up() {
+                    return Ok(Enqueued::GaveUp);
+                }
                 base = returned;
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(QUEUE_FULL_PAUSE);
             }
             Err((error, _)) => return Err(error),
         }
@@ -306,12 +347,14 @@ pub fn producer(
     board: Arc<AckBoard>,
     metrics: Arc<Metrics>,
     generation: u64,
+    health: Arc<ClientHealth>,
 ) -> Result<Producer, KafkaSetupError> {
     producer_config(settings)
         .create_with_context(DeliveryContext {
             board,
             metrics,
             generation,
+            health,
         })
         .map_err(client("creating the producer"))
 }
@@ -327,6 +370,7 @@ pub struct Publisher {
     metrics: Arc<Metrics>,
     generation: AtomicU64,
     current: RwLock<Arc<Producer>>,
+    health: Arc<ClientHealth>,
 }
 
 impl Publisher {
@@ -335,14 +379,21 @@ impl Publisher {
         board: Arc<AckBoard>,
         metrics: Arc<Metrics>,
     ) -> Result<Publisher, KafkaSetupError> {
-        let first = producer(settings, board.clone(), metrics.clone(), 0)?;
+        let health = ClientHealth::new(settings);
+        let first = producer(settings, board.clone(), metrics.clone(), 0, health.clone())?;
         Ok(Publisher {
             settings: settings.clone(),
             board,
             metrics,
             generation: AtomicU64::new(0),
             current: RwLock::new(Arc::new(first)),
+            health,
         })
+    }
+
+    /// Connection problems reported by the service's Kafka clients (shared with the consumer).
+    pub fn health(&self) -> Arc<ClientHealth> {
+        self.health.clone()
     }
 
     /// The current producer's generation (cheap: workers check it every loop).
@@ -383,6 +434,7 @@ impl Publisher {
             self.board.clone(),
             self.metrics.clone(),
             next,
+            self.health.clone(),
         )?;
         // The failed producer is dropped by whoever holds it last; what it still had queued is
         // purged (the entries stay in the outbox).
@@ -529,6 +581,7 @@ mod tests {
             client: map(&[("security.protocol", "SASL_SSL")]),
             consumer: map(consumer),
             producer: map(producer),
+            secrets: Vec::new(),
         }
     }
 
@@ -553,5 +606,74 @@ mod tests {
             "no-loss settings are not negotiable"
         );
         assert_eq!(config.get("enable.idempotence"), Some("true"));
+    }
+
+    /// A full producer queue used to be retried with no end, so a stop with Kafka gone hung;
+    /// `send` now waits only while `give_up` says go on.
+    #[test]
+    fn a_full_queue_waits_until_give_up_says_stop() {
+        let mut kafka = settings(&[], &[("queue.buffering.max.messages", "1")]);
+        // Nothing listens on port 1: the one record the queue holds is never delivered.
+        kafka.brokers = "127.0.0.1:1".into();
+        kafka.client.clear();
+        let metrics = Metrics::new("v", &[]);
+        let health = ClientHealth::new(&kafka);
+        let producer = producer(&kafka, Arc::new(AckBoard::default()), metrics, 0, health)
+            .expect("creating a producer");
+        let record = Publish {
+            topic: "t",
+            key: Some(b"k"),
+            payload: Some(b"v"),
+            headers: &[],
+        };
+        let first = send(&producer, 0, 0, 0, record, &|| false).expect("first send");
+        assert_eq!(first, Enqueued::Queued);
+
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let producer = Arc::new(producer);
+        let sender = producer.clone();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let give_up = || started.elapsed() >= Duration::from_millis(300);
+            let record = Publish {
+                topic: "t",
+                key: Some(b"k"),
+                payload: Some(b"v"),
+                headers: &[],
+            };
+            let outcome = send(&sender, 0, 1, 0, record, &give_up);
+            let _ = done.send((outcome.map_err(|e| e.to_string()), started.elapsed()));
+        });
+        let (outcome, waited) = result
+            .recv_timeout(Duration::from_secs(10))
+            .expect("send returned within 10 s");
+        assert_eq!(outcome, Ok(Enqueued::GaveUp));
+        assert!(
+            waited >= Duration::from_millis(300),
+            "it waited for room until told to stop ({waited:?})"
+        );
+    }
+
+    /// TLS and SASL are compiled in (rdkafka's `ssl` feature, system OpenSSL): a build that
+    /// loses them fails here instead of at a customer's `security.protocol = "SASL_SSL"`.
+    /// GSSAPI (Kerberos) and OIDC token fetching are deliberately not built (README).
+    #[test]
+    fn librdkafka_is_built_with_tls_and_sasl() {
+        let native = ClientConfig::new()
+            .create_native_config()
+            .expect("a native config");
+        let features = native
+            .get("builtin.features")
+            .expect("librdkafka reports its features");
+        let built: Vec<&str> = features.split(',').collect();
+        for needed in [
+            "ssl",
+            "sasl",
+            "sasl_plain",
+            "sasl_scram",
+            "sasl_oauthbearer",
+        ] {
+            assert!(built.contains(&needed), "{needed} missing from {features}");
+        }
     }
 }

@@ -9,7 +9,7 @@ pub mod worker;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -102,8 +102,19 @@ impl Shared {
         }
     }
 
-    /// `Ok(())` when ready to serve (assigned, every partition restored, no failure), else why not.
+    /// `Ok(())` when ready to serve (assigned, every partition restored, no failure), else why
+    /// not — with what the Kafka clients last reported (a refused certificate, a failed login)
+    /// when that is why.
     pub fn ready(&self) -> Result<(), String> {
+        self.ready_without_kafka_detail().map_err(|reason| {
+            match self.publisher.health().problem() {
+                Some(problem) => format!("{reason}; kafka: {problem}"),
+                None => reason,
+            }
+        })
+    }
+
+    fn ready_without_kafka_detail(&self) -> Result<(), String> {
         if let Some(reason) = self.failure.lock().ok().and_then(|f| f.clone()) {
             return Err(format!("failed: {reason}"));
         }
@@ -155,8 +166,8 @@ pub(crate) const QUEUED_BATCHES: usize = 64;
 struct WorkerHandle {
     inputs: SyncSender<WorkerInput>,
     thread: JoinHandle<()>,
-    /// Set before `Stop` is sent (see [`Worker::stop_flag`]).
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The worker's stop deadline, set before `Stop` is sent (see `Worker::stop_handle`).
+    stop_at: Arc<OnceLock<Instant>>,
 }
 
 #[derive(Default)]
@@ -308,7 +319,7 @@ impl InputSink for Dispatcher {
                 }
             };
             let inputs = sender;
-            let stop = worker.stop_flag();
+            let stop_at = worker.stop_handle();
             let spawned = std::thread::Builder::new()
                 .name(format!("partition-{partition}"))
                 .spawn(move || worker.run(receiver));
@@ -322,7 +333,7 @@ impl InputSink for Dispatcher {
                         WorkerHandle {
                             inputs,
                             thread,
-                            stop,
+                            stop_at,
                         },
                     );
                 }
@@ -358,9 +369,12 @@ impl InputSink for Dispatcher {
             Err(_) => Vec::new(),
         };
         let deadline = Instant::now() + self.shared.pipeline.shutdown_timeout;
+        // Every worker learns the deadline at once, even one that cannot read its channel now.
+        for (_, handle) in &handles {
+            let _ = handle.stop_at.set(deadline);
+        }
         for (partition, handle) in handles {
             let (reply, done) = sync_channel(1);
-            handle.stop.store(true, std::sync::atomic::Ordering::SeqCst);
             if handle
                 .inputs
                 .send(WorkerInput::Stop { deadline, reply })

@@ -8,9 +8,8 @@
 //! by the partition's owner, in order with its input.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
@@ -227,9 +226,10 @@ pub struct Worker {
     publish_buffers: PublishBuffers,
     /// The engine's fired-timer count already added to `segmenter_timers_fired_total`.
     timers_counted: u64,
-    /// Set by the dispatcher before it asks the worker to stop, so that a worker retrying a
-    /// failed state write gives up instead of holding the stop up.
-    stop: Arc<AtomicBool>,
+    /// Set (to the stop deadline) by the dispatcher *before* it sends [`WorkerInput::Stop`]:
+    /// a worker blocked on a full producer queue, paused on a full backlog, or retrying a
+    /// failed state write cannot read its channel, so this is how it learns to stop waiting.
+    stop_at: Arc<OnceLock<Instant>>,
 }
 
 impl Worker {
@@ -301,14 +301,18 @@ impl Worker {
             changes: Vec::new(),
             inputs,
             timers_counted: 0,
-            stop: Arc::new(AtomicBool::new(false)),
+            stop_at: Arc::new(OnceLock::new()),
         })
     }
 
-    /// The flag that makes a worker stuck on a failed state write give up (see
-    /// [`WorkerError::Unwritten`]); set it before sending [`WorkerInput::Stop`].
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
+    /// Where the dispatcher sets this worker's stop deadline (see [`Worker::stop_at`]).
+    pub fn stop_handle(&self) -> Arc<OnceLock<Instant>> {
+        self.stop_at.clone()
+    }
+
+    /// A stop was requested (the Stop message may still be queued behind other input).
+    fn stop_requested(&self) -> bool {
+        self.stop_at.get().is_some()
     }
 
     /// Runs until stopped; a failure is reported to the shared state (which stops intake).
@@ -344,7 +348,9 @@ impl Worker {
         loop {
             self.follow_producer()?;
             self.collect_acks();
-            if self.unacked_records >= self.shared.pipeline.max_outbox_backlog {
+            if self.unacked_records >= self.shared.pipeline.max_outbox_backlog
+                && !self.stop_requested()
+            {
                 // Kafka is slower than intake: stop taking input until the backlog drains.
                 std::thread::sleep(TICK);
                 self.tick()?;
@@ -442,6 +448,14 @@ impl Worker {
     fn publish(&mut self, seq: u64, entry: &OutboxEntry, acked: u8) -> Result<(), WorkerError> {
         let producer = &self.producer;
         let partition = self.partition;
+        let stop_at = &self.stop_at;
+        // Waiting on a full queue ends at the stop deadline: what is not handed over by then
+        // stays in the outbox (the drain reports it) and is published at the next start.
+        let give_up = || {
+            stop_at
+                .get()
+                .is_some_and(|deadline| Instant::now() >= *deadline)
+        };
         let sent = entry.publish(
             &self.shared.topics,
             &mut self.publish_buffers,
@@ -449,7 +463,7 @@ impl Worker {
                 if acked & 1u8.checked_shl(u32::from(part)).unwrap_or(0) != 0 {
                     return Ok(());
                 }
-                kafka::send(producer, partition, seq, part, record)
+                kafka::send(producer, partition, seq, part, record, &give_up).map(|_| ())
             },
         );
         match sent {
@@ -898,7 +912,7 @@ impl Worker {
             // Earlier batches' records may still be acknowledged meanwhile.
             let retry_at = Instant::now() + WRITE_RETRY;
             while Instant::now() < retry_at {
-                if self.stop.load(Ordering::SeqCst) {
+                if self.stop_requested() {
                     return Err(WorkerError::Unwritten(error));
                 }
                 self.collect_acks();
@@ -1203,13 +1217,49 @@ mod tests {
             for topic in ["segment-changes", "segment-membership", "segmenter-dlq"] {
                 cluster.create_topic(topic, 1, 1).expect("creating a topic");
             }
+            Fixture::build(cluster, &brokers, engine, rule, clock, "")
+        }
+
+        /// A fixture whose service settings point at `brokers`, with `extra` TOML appended
+        /// (e.g. `[kafka.producer]` settings).
+        fn with_kafka(
+            cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+            brokers: &str,
+            extra: &str,
+        ) -> Fixture {
+            Fixture::build(
+                cluster,
+                brokers,
+                "",
+                "count(\"Order Completed\", 7d) >= 1",
+                Box::new(crate::pipeline::wall_clock_ms),
+                extra,
+            )
+        }
+
+        /// The fixture: `engine` lines go in an `[engine]` table (none when empty), `extra`
+        /// TOML is appended as it is.
+        fn build(
+            cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+            brokers: &str,
+            engine: &str,
+            rule: &str,
+            clock: Box<dyn Fn() -> Millis + Send + Sync>,
+            extra: &str,
+        ) -> Fixture {
+            let engine_table = if engine.is_empty() {
+                String::new()
+            } else {
+                format!("[engine]\n{engine}\n\n")
+            };
+            let brokers = brokers.to_string();
             let dir = tempfile::tempdir().expect("temp dir");
             let config = dir.path().join("segmenter.toml");
             std::fs::write(
                 &config,
                 format!(
-                    "[engine]\n{engine}\n\n[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\n\n\
-                     [state]\ndir = \"{}\"\n\n[[segment]]\nid = \"buyer\"\nrule = '{rule}'\n",
+                    "{engine_table}[input]\ntopics = [\"events\"]\n\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\n\n\
+                     [state]\ndir = \"{}\"\n\n[[segment]]\nid = \"buyer\"\nrule = '{rule}'\n{extra}",
                     dir.path().join("state").display()
                 ),
             )
@@ -1544,5 +1594,99 @@ mod tests {
             failure.contains("partition 0: corrupt outbox entry 5: outbox entry of 3 bytes"),
             "{failure}"
         );
+    }
+
+    /// With Kafka unreachable and the producer's queue full, a worker re-publishing its outbox
+    /// is stuck waiting for room; a stop must still end it by its deadline (it used to wait
+    /// forever, so shutdown hung), and nothing leaves the outbox that Kafka did not take.
+    #[test]
+    fn a_stop_ends_a_wait_on_a_full_producer_queue_with_kafka_unreachable() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        // Nothing listens on port 1: every record stays queued, and the queue holds one.
+        let fx = Fixture::with_kafka(
+            cluster,
+            "127.0.0.1:1",
+            "\n[kafka.producer]\n\"queue.buffering.max.messages\" = \"1\"\n",
+        );
+        let (store, shared) = (&fx.store, &fx.shared);
+        let mut writes = WriteSet::default();
+        for seq in 0..5 {
+            let entry = OutboxEntry::Change(change(&format!("c-{seq}"), seq));
+            writes.put(Table::Outbox, keys::outbox(0, seq), entry.encode());
+        }
+        store.write(writes).expect("writing the outbox");
+
+        let worker = Worker::open(0, shared.clone(), Vec::new()).expect("opening the worker");
+        let stop_at = worker.stop_handle();
+        let (to_worker, inputs) = std::sync::mpsc::sync_channel(4);
+        let running = std::thread::spawn(move || worker.run(inputs));
+        // Re-publishing the outbox fills the queue at the first entry's second record.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !running.is_finished(),
+            "the worker waits for room in the queue"
+        );
+
+        // What the dispatcher does on shutdown or revocation.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        stop_at
+            .set(deadline)
+            .expect("the stop deadline is set once");
+        let (reply, stopped) = std::sync::mpsc::sync_channel(1);
+        to_worker
+            .send(WorkerInput::Stop { deadline, reply })
+            .expect("the worker's channel has room");
+        stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the worker stopped within 10 s of a 500 ms deadline");
+        running.join().expect("worker thread");
+        assert_eq!(shared.failure.lock().ok().and_then(|f| f.clone()), None);
+        let left = store
+            .scan_prefix(Table::Outbox, &keys::partition_prefix(0))
+            .expect("scanning the outbox");
+        assert_eq!(left.len(), 5, "every unpublished entry stays in the outbox");
+    }
+
+    /// The same through the dispatcher, as `segmenter run` shuts down: the worker of an
+    /// assigned partition is stuck on a full queue with Kafka unreachable, and shutdown still
+    /// returns soon after `engine.shutdown_timeout` (it used to wait forever).
+    #[test]
+    fn shutdown_returns_by_its_deadline_with_kafka_unreachable_and_the_queue_full() {
+        use crate::kafka::consumer::InputSink;
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let fx = Fixture::with_kafka(
+            cluster,
+            "127.0.0.1:1",
+            "\n[kafka.producer]\n\"queue.buffering.max.messages\" = \"1\"\n\n[engine]\nshutdown_timeout = \"1s\"\n",
+        );
+        let mut writes = WriteSet::default();
+        for seq in 0..5 {
+            let entry = OutboxEntry::Change(change(&format!("c-{seq}"), seq));
+            writes.put(Table::Outbox, keys::outbox(0, seq), entry.encode());
+        }
+        fx.store.write(writes).expect("writing the outbox");
+        let dispatcher = Arc::new(super::super::Dispatcher::new(fx.shared.clone()));
+        dispatcher.assigned(&[0], Vec::new());
+        std::thread::sleep(Duration::from_millis(300));
+
+        let (done, stopped) = std::sync::mpsc::sync_channel(1);
+        let stopping = dispatcher.clone();
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            stopping.shutdown();
+            let _ = done.send(());
+        });
+        stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("shutdown returned within 10 s of a 1 s shutdown timeout");
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "it waited for the deadline"
+        );
+        let left = fx
+            .store
+            .scan_prefix(Table::Outbox, &keys::partition_prefix(0))
+            .expect("scanning the outbox");
+        assert_eq!(left.len(), 5, "every unpublished entry stays in the outbox");
     }
 }

@@ -4,6 +4,7 @@
 
 mod http;
 mod raw;
+mod secrets;
 mod spans;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use crate::rules::error::line_col;
 use crate::rules::{compile, Program, SegmentDef};
 
 use raw::{RawFile, RawSegment, RawSegmentsFile};
+pub use secrets::{is_secret_key, KafkaSecret, Secret, SecretSource, SECRET_KEYS};
 
 pub use http::{is_loopback, HttpAccess, HttpSettings, PreviewLimits, TlsFiles};
 
@@ -72,6 +74,9 @@ pub struct KafkaSettings {
     pub client: BTreeMap<String, String>,
     pub consumer: BTreeMap<String, String>,
     pub producer: BTreeMap<String, String>,
+    /// `[kafka.secrets]`, read from the environment or files (values redacted in `Debug`);
+    /// applied to every client after the pass-through settings.
+    pub secrets: Vec<KafkaSecret>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +162,12 @@ pub fn load_str(
         toml::from_str(text).map_err(|err| ConfigErrors(vec![toml_error(&file, text, &err)]))?;
     let sections = with_env_overrides(&file, text, env)?;
     let mut errors = Vec::new();
+    let pass_through = secrets::PassThrough {
+        client: &sections.kafka.client,
+        consumer: &sections.kafka.consumer,
+        producer: &sections.kafka.producer,
+    };
+    let kafka_secrets = secrets::resolve(&file, text, dir, pass_through, env, &mut errors);
     let mut sources: Vec<(String, String, Vec<RawSegment>)> =
         vec![(file.clone(), text.to_string(), spanned.segment)];
     if let Some(extra) = &spanned.segments_file {
@@ -177,7 +188,10 @@ pub fn load_str(
     let program = compile_segments(&sources, &mut errors);
     let settings = build(&file, sections, program, &mut errors);
     match settings {
-        Some(settings) if errors.is_empty() => Ok(settings),
+        Some(mut settings) if errors.is_empty() => {
+            settings.kafka.secrets = kafka_secrets;
+            Ok(settings)
+        }
         _ => Err(ConfigErrors(errors)),
     }
 }
@@ -412,6 +426,7 @@ fn build(
         client: raw.kafka.client,
         consumer: raw.kafka.consumer,
         producer: raw.kafka.producer,
+        secrets: Vec::new(),
     };
     let output = OutputSettings {
         changes_topic: raw

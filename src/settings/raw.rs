@@ -105,6 +105,12 @@ pub struct RawKafka {
     /// Passed through to the producer only (linger.ms, compression.type …).
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
+    /// librdkafka properties whose values come from the environment or a file
+    /// (`"sasl.password" = { env = "KAFKA_SASL_PASSWORD" }`); checked in `secrets.rs`, which
+    /// reports a malformed entry without echoing it.
+    #[serde(default)]
+    #[allow(dead_code)] // read (with positions) by secrets.rs, from the file text
+    pub secrets: BTreeMap<String, serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]

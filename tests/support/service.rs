@@ -94,6 +94,8 @@ pub struct TestConfig {
     /// `[kafka.consumer]` settings; `session.timeout.ms` = 6000 by default (tansu's group join
     /// takes about half of it).
     pub consumer: BTreeMap<String, String>,
+    /// Appended as is (e.g. `[kafka.client]` and `[kafka.secrets]` tables).
+    pub extra_toml: String,
 }
 
 impl TestConfig {
@@ -113,6 +115,7 @@ impl TestConfig {
             membership_topic: "segment-membership".into(),
             dlq_topic: "segmenter-dlq".into(),
             consumer,
+            extra_toml: String::new(),
         }
     }
 
@@ -150,6 +153,7 @@ impl TestConfig {
             "\n[state]\ndir = {}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
             quote(&self.state_dir.display().to_string())
         ));
+        out.push_str(&self.extra_toml);
         out
     }
 
@@ -179,6 +183,11 @@ pub struct Service {
 impl Service {
     /// Starts `segmenter run --config CONFIG`, appending its output to `log`.
     pub fn start(config: &Path, log: &Path) -> Service {
+        Service::start_with_env(config, log, &[])
+    }
+
+    /// [`Service::start`] with extra environment (`RUST_LOG` may be overridden too).
+    pub fn start_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Service {
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -203,6 +212,7 @@ impl Service {
                 cmd.env_remove(key);
             }
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {SEGMENTER}: {e}"));
@@ -398,7 +408,16 @@ pub struct InputProducer {
 
 impl InputProducer {
     pub fn new(brokers: &str) -> InputProducer {
-        let producer = ClientConfig::new()
+        InputProducer::with_config(brokers, &[])
+    }
+
+    /// A producer with extra client settings (`security.protocol`, `ssl.ca.location` …).
+    pub fn with_config(brokers: &str, extra: &[(&str, &str)]) -> InputProducer {
+        let mut config = ClientConfig::new();
+        for (key, value) in extra {
+            config.set(*key, *value);
+        }
+        let producer = config
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -541,7 +560,16 @@ impl TopicReader {
     /// Assigns all partitions of `topic` (which must exist: a metadata request could otherwise
     /// create it with tansu's defaults).
     pub fn new(brokers: &str, topic: &str) -> TopicReader {
-        let consumer: BaseConsumer = ClientConfig::new()
+        TopicReader::with_config(brokers, topic, &[])
+    }
+
+    /// A reader with extra client settings (`security.protocol`, `ssl.ca.location` …).
+    pub fn with_config(brokers: &str, topic: &str, extra: &[(&str, &str)]) -> TopicReader {
+        let mut config = ClientConfig::new();
+        for (key, value) in extra {
+            config.set(*key, *value);
+        }
+        let consumer: BaseConsumer = config
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("test-reader-{topic}"))
             .set("enable.auto.commit", "false")

@@ -58,6 +58,10 @@ pub struct Tansu {
     /// `--storage-engine`, and environment for it (e.g. S3 credentials and endpoint).
     storage: String,
     storage_env: Vec<(String, String)>,
+    /// Advertised to clients instead of the listening port (a TLS terminator in front).
+    advertised_port: Option<u16>,
+    /// Extra `tansu broker` arguments (e.g. `--authentication`).
+    extra_args: Vec<String>,
     // Last field: dropped after the child is killed in `Drop`.
     dir: tempfile::TempDir,
 }
@@ -72,6 +76,22 @@ impl Tansu {
     /// Like [`Tansu::start`] with another `--storage-engine` (e.g. `s3://tansu/`, which keeps
     /// data across `restart`) and extra environment for the broker (`AWS_ENDPOINT`…).
     pub fn start_with_storage(storage: &str, env: &[(&str, &str)]) -> io::Result<Tansu> {
+        Tansu::start_with(storage, env, None, &[])
+    }
+
+    /// A memory-storage broker that advertises `advertised_port` (on 127.0.0.1) instead of the
+    /// port it listens on — for a TLS terminator there that forwards to [`Tansu::port`] — with
+    /// `extra_args` for `tansu broker` (e.g. `--authentication`).
+    pub fn start_behind(advertised_port: u16, extra_args: &[&str]) -> io::Result<Tansu> {
+        Tansu::start_with("memory://tansu/", &[], Some(advertised_port), extra_args)
+    }
+
+    fn start_with(
+        storage: &str,
+        env: &[(&str, &str)],
+        advertised_port: Option<u16>,
+        extra_args: &[&str],
+    ) -> io::Result<Tansu> {
         let bin = tansu_bin()?;
         let dir = tempfile::Builder::new().prefix("tansu-").tempdir()?;
         let log = dir.path().join("broker.log");
@@ -85,6 +105,8 @@ impl Tansu {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            advertised_port,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             dir,
         };
         // The free port is found by binding port 0 and releasing it, so another process can take
@@ -200,6 +222,10 @@ impl Tansu {
 
     fn spawn_and_wait(&mut self) -> io::Result<()> {
         let url = self.url();
+        let advertised = match self.advertised_port {
+            Some(port) => format!("tcp://127.0.0.1:{port}"),
+            None => url.clone(),
+        };
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -207,8 +233,9 @@ impl Tansu {
         writeln!(log, "=== test harness: starting tansu broker on {url}")?;
         let mut cmd = Command::new(&self.bin);
         cmd.args(["broker", "--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", &self.storage])
+            .args(&self.extra_args)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
