@@ -54,4 +54,7 @@ python3 tools/segref/test_segref.py
 step "tests"
 cargo test --release --locked -- --test-threads=2
 
+step "fuzz smoke (each cargo-fuzz target briefly over its corpus; no RocksDB/librdkafka build)"
+./scripts/fuzz-smoke.sh
+
 step "all tests passed"
