@@ -18,8 +18,12 @@
 //!     [--load-seconds S] [--brokers HOST:PORT] [--throughput-only] [--only-broker RATE]
 //! ```
 
+#[path = "support/bench.rs"]
+mod bench;
 #[path = "../../tests/support/tansu.rs"]
 mod tansu;
+
+use bench::{free_port, key_of, metric_sum, scrape, scrape_path, stop};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -94,17 +98,6 @@ fn producer(brokers: &str) -> anyhow::Result<ThreadedProducer<DefaultProducerCon
         .create()?)
 }
 
-fn key_of(line: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(line)
-        .ok()
-        .and_then(|v| {
-            ["userId", "anonymousId"]
-                .iter()
-                .find_map(|f| v.get(f).and_then(|x| x.as_str()).map(str::to_string))
-        })
-        .unwrap_or_default()
-}
-
 fn send(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
@@ -153,32 +146,6 @@ fn assigned_consumer(brokers: &str, topic: &str, group: &str) -> anyhow::Result<
     }
     consumer.assign(&list)?;
     Ok(consumer)
-}
-
-/// A free local TCP port for the service's HTTP API.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// `GET /metrics` from the service.
-fn scrape(port: u16) -> anyhow::Result<String> {
-    scrape_path(port, "/metrics")
-}
-
-/// `GET path` from the service: the whole response, status line first.
-fn scrape_path(port: u16, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
 }
 
 /// Cumulative bucket counts `(le, count)` of `segmenter_event_to_publish_seconds{cause="event"}`.
@@ -263,14 +230,6 @@ fn start_service(
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?)
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
 }
 
 fn percentile(sorted: &[i64], p: f64) -> i64 {
@@ -516,14 +475,6 @@ fn peak_rss_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// The sum of every sample of a metric whose lines start with `prefix`.
-fn metric_sum(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Reads `events` input events and produces `records_per_event` records of a change event's

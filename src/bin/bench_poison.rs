@@ -17,8 +17,12 @@
 //!     [--poison-fraction F] [--brokers HOST:PORT]
 //! ```
 
+#[path = "support/bench.rs"]
+mod bench;
 #[path = "../../tests/support/tansu.rs"]
 mod tansu;
+
+use bench::{free_port, key_of, metric_sum, scrape, stop};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -239,17 +243,6 @@ fn send(
     }
 }
 
-fn key_of(line: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(line)
-        .ok()
-        .and_then(|v| {
-            ["userId", "anonymousId"]
-                .iter()
-                .find_map(|f| v.get(f).and_then(|x| x.as_str()).map(str::to_string))
-        })
-        .unwrap_or_default()
-}
-
 /// Preloads one run's input; returns the poison messages' (kind, partition, offset, size).
 fn preload(
     brokers: &str,
@@ -336,32 +329,6 @@ fn create_topics(
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn scrape(port: u16) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
-}
-
-fn metric_sum(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn start_service(brokers: &str, work: &Path, name: &str, http_port: u16) -> anyhow::Result<Child> {
     let segments =
         std::fs::canonicalize("config/segments.toml").context("run from the repository root")?;
@@ -387,14 +354,6 @@ fn start_service(brokers: &str, work: &Path, name: &str, http_port: u16) -> anyh
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?)
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
 }
 
 /// Scrapes every 50 ms until `total` messages are consumed and the outbox is empty; messages per
