@@ -23,11 +23,9 @@ mod bench;
 #[path = "../../tests/support/tansu.rs"]
 mod tansu;
 
-use bench::{free_port, key_of, metric_sum, scrape, scrape_path, stop};
+use bench::{free_port, key_of, metric_sum, scrape, scrape_path, start_service, stop};
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -196,40 +194,6 @@ fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Op
         lower = (le, count);
     }
     None
-}
-
-fn start_service(
-    brokers: &str,
-    work: &std::path::Path,
-    group: &str,
-    input: &str,
-    outputs: &str,
-    http_port: u16,
-) -> anyhow::Result<Child> {
-    let segments =
-        std::fs::canonicalize("config/segments.toml").context("run from the repository root")?;
-    let config = work.join(format!("{group}-{input}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
-            work.join(format!("{group}-state"))
-        ),
-    )?;
-    let binary: PathBuf = std::env::current_exe()?
-        .parent()
-        .context("no parent")?
-        .join("segmenter");
-    Ok(Command::new(binary)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()?)
 }
 
 fn percentile(sorted: &[i64], p: f64) -> i64 {

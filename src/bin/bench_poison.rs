@@ -22,11 +22,11 @@ mod bench;
 #[path = "../../tests/support/tansu.rs"]
 mod tansu;
 
-use bench::{free_port, key_of, metric_sum, scrape, stop};
+use bench::{free_port, key_of, metric_sum, scrape, start_service, stop};
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Child;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -329,33 +329,6 @@ fn create_topics(
     Ok(())
 }
 
-fn start_service(brokers: &str, work: &Path, name: &str, http_port: u16) -> anyhow::Result<Child> {
-    let segments =
-        std::fs::canonicalize("config/segments.toml").context("run from the repository root")?;
-    let config = work.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{name}-in\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{name}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{name}-changes\"\nmembership_topic = \"{name}-membership\"\ndlq_topic = \"{name}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
-            work.join(format!("{name}-state"))
-        ),
-    )?;
-    let binary: PathBuf = std::env::current_exe()?
-        .parent()
-        .context("no parent")?
-        .join("segmenter");
-    Ok(Command::new(binary)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()?)
-}
-
 /// Scrapes every 50 ms until `total` messages are consumed and the outbox is empty; messages per
 /// second from the first scrape that saw consumption.
 fn wait_for_service(port: u16, child: &mut Child, total: u64) -> anyhow::Result<f64> {
@@ -512,7 +485,7 @@ fn one_run(
     let poison = preload(brokers, input, args, poisoned)?;
     let load_before = load_average();
     let port = free_port()?;
-    let mut child = start_service(brokers, work, name, port)?;
+    let mut child = start_service(brokers, work, name, &format!("{name}-in"), name, port)?;
     let measured = wait_for_service(port, &mut child, args.events);
     let committed = measured
         .as_ref()

@@ -1,8 +1,12 @@
 //! Helpers both Kafka benchmarks (`bench_kafka`, `bench_poison`) use: local ports, scraping the
-//! service's HTTP endpoints, summing metric series, the input key, stopping the service.
+//! service's HTTP endpoints, summing metric series, the input key, starting and stopping the
+//! service.
 
-use std::process::{Child, Command};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use anyhow::Context;
 
 /// The customer id of a generated input line (`userId`, else `anonymousId`): the record key.
 pub fn key_of(line: &str) -> String {
@@ -55,4 +59,41 @@ pub fn stop(mut child: Child) {
         .arg(child.id().to_string())
         .status();
     let _ = child.wait();
+}
+
+/// Starts `segmenter run` (the binary next to this one) on `input`, in consumer group `group`,
+/// with output topics `{outputs}-changes/-membership/-dlq`, every segment of
+/// config/segments.toml, the wall clock and its HTTP port on `http_port`.
+pub fn start_service(
+    brokers: &str,
+    work: &std::path::Path,
+    group: &str,
+    input: &str,
+    outputs: &str,
+    http_port: u16,
+) -> anyhow::Result<Child> {
+    let segments =
+        std::fs::canonicalize("config/segments.toml").context("run from the repository root")?;
+    let config = work.join(format!("{group}-{input}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+            work.join(format!("{group}-state"))
+        ),
+    )?;
+    let binary: PathBuf = std::env::current_exe()?
+        .parent()
+        .context("no parent")?
+        .join("segmenter");
+    Ok(Command::new(binary)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?)
 }
