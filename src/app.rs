@@ -43,6 +43,7 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         changes: settings.output.changes_topic.clone(),
         membership: settings.output.membership_topic.clone(),
         dlq: settings.output.dlq_topic.clone(),
+        changelog: settings.state.changelog_topic.clone(),
     };
     let shared = Arc::new(Shared::new(
         settings.program.clone(),
@@ -56,7 +57,8 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         settings.max_future_skew,
         settings.input.topics.clone(),
         metrics.clone(),
-    ));
+        settings.kafka.clone(),
+    )?);
     let dispatcher = Arc::new(Dispatcher::new(shared.clone()));
     let sink: Arc<dyn InputSink> = dispatcher.clone();
     let consumer = group_consumer(&settings.kafka, sink, metrics, publisher.health())?;
@@ -89,6 +91,12 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
             partitions: output_partitions,
             compact: false,
         },
+        // Partition p mirrors input partition p: as many partitions as the input.
+        TopicSpec {
+            name: topics.changelog.clone(),
+            partitions,
+            compact: true,
+        },
     ];
     kafka::ensure_topics(
         &settings.kafka,
@@ -97,6 +105,19 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         Duration::from_secs(30),
     )
     .await?;
+    let changelog_partitions = kafka::input_partitions(
+        &consumer,
+        std::slice::from_ref(&topics.changelog),
+        Duration::from_secs(30),
+    )?;
+    if changelog_partitions != partitions {
+        anyhow::bail!(
+            "changelog topic {:?} has {changelog_partitions} partitions, the input {partitions}: \
+             partition p of the changelog mirrors input partition p, so they must be equal \
+             (delete the changelog topic or name another with state.changelog_topic)",
+            topics.changelog
+        );
+    }
     tracing::info!(
         input = ?settings.input.topics,
         partitions,

@@ -31,6 +31,7 @@ pub mod api;
 #[cfg(feature = "service")]
 pub mod app;
 pub mod auth;
+pub mod changelog;
 pub mod decode;
 #[cfg(feature = "service")]
 pub mod demo;

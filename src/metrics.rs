@@ -93,6 +93,8 @@ pub struct Metrics {
     pub publish_errors: IntCounterVec,
     pub rebalances: IntCounterVec,
     pub restore_seconds: Histogram,
+    pub restore_records: IntCounter,
+    pub restore_remaining: IntGaugeVec,
     pub assigned_partitions: IntGauge,
     pub ready: IntGauge,
     pub rocksdb: IntGaugeVec,
@@ -213,8 +215,18 @@ impl Metrics {
             ),
             restore_seconds: histogram(
                 "segmenter_restore_seconds",
-                "Time to open an assigned partition (state, timers, outbox) before it consumes.",
+                "Time from an assignment until the partition consumes: restoring its state from \
+                 the changelog (if its local copy lacks some) and opening it.",
                 LATENCY_BUCKETS,
+            ),
+            restore_records: counter(
+                "segmenter_restore_records_total",
+                "Changelog records applied by restores.",
+            ),
+            restore_remaining: gauge_vec(
+                "segmenter_restore_remaining_records",
+                "Changelog offsets a partition's restore still has to read, by partition.",
+                &["partition"],
             ),
             assigned_partitions: gauge(
                 "segmenter_assigned_partitions",
@@ -289,6 +301,8 @@ impl Metrics {
             Box::new(self.publish_errors.clone()),
             Box::new(self.rebalances.clone()),
             Box::new(self.restore_seconds.clone()),
+            Box::new(self.restore_records.clone()),
+            Box::new(self.restore_remaining.clone()),
             Box::new(self.assigned_partitions.clone()),
             Box::new(self.ready.clone()),
             Box::new(self.rocksdb.clone()),

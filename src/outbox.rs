@@ -31,6 +31,21 @@ pub enum OutboxEntry {
     Change(Change),
     /// A ready-made record (a dead letter, or an entry from an earlier version): part 0.
     Record(OutboxRecord),
+    /// A record of the partition's changelog (see `crate::changelog`): a customer's state, its
+    /// erasure, a checkpoint or a state layout. Published to the changelog topic's partition of
+    /// the same number as the input partition, and only once every earlier change and dead
+    /// letter is acknowledged (a barrier, see `pipeline::relay`).
+    Changelog(ChangelogRecord),
+}
+
+/// One changelog record as stored in the outbox: key and value in the changelog's own format
+/// (`crate::changelog`), and the id of the store that wrote it (the `writer` header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangelogRecord {
+    pub key: Vec<u8>,
+    /// `None` is a tombstone (an erased customer).
+    pub value: Option<Vec<u8>>,
+    pub writer: [u8; 8],
 }
 
 /// One message to publish.
@@ -47,6 +62,8 @@ pub struct OutboxRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Publish<'a> {
     pub topic: &'a str,
+    /// An explicit partition (changelog records); `None` partitions by key.
+    pub partition: Option<i32>,
     pub key: Option<&'a [u8]>,
     /// `None` is a tombstone.
     pub payload: Option<&'a [u8]>,
@@ -59,6 +76,8 @@ pub struct Topics {
     pub changes: String,
     pub membership: String,
     pub dlq: String,
+    /// The compacted changelog: partition p mirrors input partition p's state.
+    pub changelog: String,
 }
 
 /// Buffers the publisher reuses to build the records of change entries.
@@ -66,6 +85,7 @@ pub struct Topics {
 pub struct PublishBuffers {
     payload: Vec<u8>,
     key: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
 }
 
 /// Leading byte of each stored form. Earlier versions stored a bare [`OutboxRecord`], which starts
@@ -73,25 +93,54 @@ pub struct PublishBuffers {
 const LEGACY_RECORD: u8 = 0;
 const CHANGE: u8 = 1;
 const RECORD: u8 = 2;
+const CHANGELOG: u8 = 3;
+
+/// The header naming the store that wrote a changelog record.
+pub const WRITER_HEADER: &str = "writer";
 
 impl OutboxEntry {
     /// How many Kafka records this entry is published as.
     pub fn parts(&self) -> u8 {
         match self {
             OutboxEntry::Change(_) => 2,
-            OutboxEntry::Record(_) => 1,
+            OutboxEntry::Record(_) | OutboxEntry::Changelog(_) => 1,
         }
     }
 
+    /// Whether the entry waits for every earlier entry's acknowledgement (see
+    /// [`OutboxEntry::Changelog`]).
+    pub fn is_barrier(&self) -> bool {
+        matches!(self, OutboxEntry::Changelog(_))
+    }
+
     /// Hands each of the entry's Kafka records, with its part number, to `send`, in order.
+    /// `partition` is the input partition the entry belongs to (a changelog record goes to
+    /// the changelog partition of that number).
     pub fn publish<E>(
         &self,
         topics: &Topics,
+        partition: i32,
         buffers: &mut PublishBuffers,
         mut send: impl FnMut(u8, Publish<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
         match self {
             OutboxEntry::Record(record) => send(0, record.as_publish()),
+            OutboxEntry::Changelog(record) => {
+                buffers.headers.clear();
+                buffers
+                    .headers
+                    .push((WRITER_HEADER.to_string(), record.writer.to_vec()));
+                send(
+                    0,
+                    Publish {
+                        topic: &topics.changelog,
+                        partition: Some(partition),
+                        key: Some(&record.key),
+                        payload: record.value.as_deref(),
+                        headers: &buffers.headers,
+                    },
+                )
+            }
             OutboxEntry::Change(change) => {
                 buffers.payload.clear();
                 change.write_json(&mut buffers.payload);
@@ -99,6 +148,7 @@ impl OutboxEntry {
                     0,
                     Publish {
                         topic: &topics.changes,
+                        partition: None,
                         key: Some(change.customer_id.as_bytes()),
                         payload: Some(&buffers.payload),
                         headers: &[],
@@ -118,6 +168,7 @@ impl OutboxEntry {
                     1,
                     Publish {
                         topic: &topics.membership,
+                        partition: None,
                         key: Some(&buffers.key),
                         payload,
                         headers: &[],
@@ -133,6 +184,12 @@ impl OutboxEntry {
             OutboxEntry::Record(record) => {
                 out.push(RECORD);
                 record.encode_into(out);
+            }
+            OutboxEntry::Changelog(record) => {
+                out.push(CHANGELOG);
+                out.extend_from_slice(&record.writer);
+                put_bytes(out, Some(&record.key));
+                put_bytes(out, record.value.as_deref());
             }
             OutboxEntry::Change(change) => {
                 out.push(CHANGE);
@@ -185,6 +242,17 @@ impl OutboxEntry {
         match tag {
             LEGACY_RECORD => OutboxRecord::decode(bytes).map(OutboxEntry::Record),
             RECORD => OutboxRecord::decode(bytes.get(1..)?).map(OutboxEntry::Record),
+            CHANGELOG => {
+                let mut pos = 1;
+                let writer = take_array::<8>(bytes, &mut pos)?;
+                let key = take_bytes(bytes, &mut pos)??;
+                let value = take_bytes(bytes, &mut pos)?;
+                (pos == bytes.len()).then_some(OutboxEntry::Changelog(ChangelogRecord {
+                    key,
+                    value,
+                    writer,
+                }))
+            }
             CHANGE => {
                 let mut pos = 1;
                 let customer_id = take_string(bytes, &mut pos)?;
@@ -344,6 +412,7 @@ impl OutboxRecord {
     pub fn as_publish(&self) -> Publish<'_> {
         Publish {
             topic: &self.topic,
+            partition: None,
             key: self.key.as_deref(),
             payload: self.payload.as_deref(),
             headers: &self.headers,
@@ -433,6 +502,7 @@ mod tests {
             changes: "c".into(),
             membership: "m".into(),
             dlq: "d".into(),
+            changelog: "l".into(),
         }
     }
 
@@ -538,7 +608,7 @@ mod tests {
         let mut out = Vec::new();
         let mut buffers = PublishBuffers::default();
         for entry in entries {
-            let sent: Result<(), ()> = entry.publish(&topics(), &mut buffers, |part, record| {
+            let sent: Result<(), ()> = entry.publish(&topics(), 0, &mut buffers, |part, record| {
                 out.push((
                     part,
                     record.topic.to_string(),
@@ -569,6 +639,16 @@ mod tests {
             OutboxEntry::Change(change(ChangeKind::Exited, Cause::Definition)),
             OutboxEntry::Change(change(ChangeKind::Exited, Cause::Deleted)),
             OutboxEntry::Record(dead_letter()),
+            OutboxEntry::Changelog(ChangelogRecord {
+                key: b"cc-1".to_vec(),
+                value: Some(b"state".to_vec()),
+                writer: *b"w1234567",
+            }),
+            OutboxEntry::Changelog(ChangelogRecord {
+                key: b"cc-2".to_vec(),
+                value: None,
+                writer: *b"w1234567",
+            }),
         ];
         for entry in entries {
             let bytes = entry.encode();

@@ -296,6 +296,22 @@ impl<S: Store> PartitionEngine<S> {
         Ok(Outcome::Applied)
     }
 
+    /// An event already reflected in its customer's state (restored from the changelog ahead of
+    /// where the input resumed, see `crate::changelog`): the clock moves as
+    /// [`Self::apply_event`] would move it, firing other customers' due timers, and the event
+    /// counts as a duplicate.
+    pub fn skip_event(&mut self, event: &Event, out: &mut Vec<Change>) -> Result<(), EngineError> {
+        let now = match (self.config.clock, self.now) {
+            (ClockMode::Event, Some(current)) => current.max(event.timestamp),
+            (ClockMode::Event, None) => event.timestamp,
+            (ClockMode::Wall, Some(current)) => current,
+            (ClockMode::Wall, None) => event.timestamp,
+        };
+        self.advance(now, out)?;
+        self.stats.duplicates += 1;
+        Ok(())
+    }
+
     /// Re-evaluates the `dirty` segments of a customer at `t` (plus any whose check is due),
     /// records changes, and reschedules the customer's timer at the earliest pending check.
     fn evaluate_customer(

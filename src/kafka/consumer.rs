@@ -55,6 +55,9 @@ pub struct PartitionInput {
     consumer: Arc<GroupConsumer>,
     /// The next offset to read, when known (stored offset, then the last message read + 1).
     next_offset: Option<i64>,
+    /// Messages below this offset are already reflected in the state (set where a restore
+    /// resumed the input): dropped if librdkafka still hands any over.
+    floor: i64,
 }
 
 impl PartitionInput {
@@ -64,6 +67,9 @@ impl PartitionInput {
         while taken < max {
             match self.queue.poll(Duration::ZERO) {
                 Some(Ok(message)) => {
+                    if message.offset() < self.floor {
+                        continue;
+                    }
                     self.next_offset = Some(message.offset() + 1);
                     out.push(InputMessage::copied(&message, self.topic.clone()));
                     taken += 1;
@@ -75,6 +81,40 @@ impl PartitionInput {
             }
         }
         taken
+    }
+
+    /// Starts fetching this partition (paused since its assignment, while its state was
+    /// restored) at `offset`, where its state ends (`None`: where the assignment put it).
+    pub fn resume_at(&mut self, offset: Option<i64>) -> Result<(), String> {
+        if let Some(offset) = offset.filter(|o| self.next_offset != Some(*o)) {
+            // Right after an assignment librdkafka may refuse a seek ("erroneous state") until
+            // the partition's fetcher is set up: retried for a while.
+            let mut attempts = 0;
+            loop {
+                match self.consumer.seek(
+                    &self.topic,
+                    self.partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                ) {
+                    Ok(()) => break,
+                    Err(error) if attempts < 100 => {
+                        attempts += 1;
+                        tracing::debug!(topic = %self.topic, partition = self.partition, %error, "seek refused; retrying");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(error) => return Err(format!("seeking to {offset}: {error}")),
+                }
+            }
+            tracing::info!(topic = %self.topic, partition = self.partition, offset, "input resumes where the restored state ends");
+            self.next_offset = Some(offset);
+            self.floor = offset;
+        }
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.topic, self.partition);
+        self.consumer
+            .resume(&list)
+            .map_err(|error| format!("resuming: {error}"))
     }
 
     /// Calls `wake` (from a librdkafka thread; it must not block) when messages arrive.
@@ -223,6 +263,7 @@ impl ConsumerContext for SinkContext {
                             queue,
                             consumer: owner.clone(),
                             next_offset: stored,
+                            floor: i64::MIN,
                         });
                     }
                 }
@@ -230,6 +271,11 @@ impl ConsumerContext for SinkContext {
                 tracing::info!(?partitions, "partitions assigned");
                 if let Err(error) = consumer.assign(&positioned) {
                     tracing::error!(%error, "assign failed");
+                }
+                // Paused until each partition's worker has brought its state up to the
+                // changelog and says where to resume (`PartitionInput::resume_at`).
+                if let Err(error) = consumer.pause(&positioned) {
+                    tracing::error!(%error, "pausing the new partitions failed");
                 }
                 self.sink.assigned(&partitions, inputs);
             }

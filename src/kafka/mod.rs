@@ -20,8 +20,10 @@ use crate::metrics::Metrics;
 use crate::outbox::Publish;
 use crate::settings::KafkaSettings;
 
+pub mod changelog;
 pub mod consumer;
 pub mod health;
+pub mod sink;
 
 pub use health::ClientHealth;
 
@@ -137,12 +139,7 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
-/// One acknowledged Kafka record: part `part` of outbox entry `seq`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ack {
-    pub seq: u64,
-    pub part: u8,
-}
+pub use crate::pipeline::relay::Ack;
 
 /// Acknowledgements from the producer's delivery callback, per input partition, for the
 /// partition workers to collect.
@@ -226,9 +223,13 @@ impl ProducerContext for DeliveryContext {
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
         let (partition, seq, part) = *opaque;
         match result {
-            Ok(_) => {
+            Ok(message) => {
+                let offset = rdkafka::Message::offset(message);
                 if let Ok(mut acked) = self.board.acked.lock() {
-                    acked.entry(partition).or_default().push(Ack { seq, part });
+                    acked
+                        .entry(partition)
+                        .or_default()
+                        .push(Ack { seq, part, offset });
                 }
             }
             Err((
@@ -317,6 +318,9 @@ pub fn send(
     }
     if let Some(key) = record.key {
         base = base.key(key);
+    }
+    if let Some(to) = record.partition {
+        base = base.partition(to);
     }
     if let Some(payload) = record.payload {
         base = base.payload(payload);
@@ -622,6 +626,7 @@ mod tests {
             .expect("creating a producer");
         let record = Publish {
             topic: "t",
+            partition: None,
             key: Some(b"k"),
             payload: Some(b"v"),
             headers: &[],
@@ -637,6 +642,7 @@ mod tests {
             let give_up = || started.elapsed() >= Duration::from_millis(300);
             let record = Publish {
                 topic: "t",
+                partition: None,
                 key: Some(b"k"),
                 payload: Some(b"v"),
                 headers: &[],

@@ -5,9 +5,11 @@
 //! queue (only if a queue could not be split) for their worker.
 
 pub mod merge;
+pub mod relay;
+pub mod restore;
 pub mod worker;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -21,8 +23,8 @@ use crate::metrics::Metrics;
 use crate::model::{Change, Millis};
 use crate::outbox::Topics;
 use crate::rules::Program;
-use crate::settings::PipelineSettings;
-use crate::store::{keys, RocksStore, Store, Table};
+use crate::settings::{KafkaSettings, PipelineSettings};
+use crate::store::{keys, RocksStore, Store, StoreError, Table, WriteSet};
 
 use worker::{Worker, WorkerInput};
 
@@ -44,6 +46,10 @@ pub struct Shared {
     /// The wall clock (injectable for tests).
     pub clock: Box<dyn Fn() -> Millis + Send + Sync>,
     pub metrics: Arc<Metrics>,
+    /// For the changelog readers of restores.
+    pub kafka: KafkaSettings,
+    /// This store's id, written into every changelog record it produces.
+    pub writer: [u8; 8],
     publishable: Mutex<HashMap<(String, i32), i64>>,
     failure: Mutex<Option<String>>,
     readiness: Mutex<Readiness>,
@@ -54,10 +60,29 @@ pub struct Shared {
 struct Readiness {
     /// A group assignment has been received (possibly empty).
     assigned_once: bool,
-    /// Assigned partitions whose worker has not yet restored and started consuming.
-    restoring: BTreeSet<i32>,
+    /// Assigned partitions whose worker has not yet restored and started consuming, with the
+    /// restore's progress.
+    restoring: BTreeMap<i32, RestoreProgress>,
     /// Assigned partitions.
     owned: BTreeSet<i32>,
+}
+
+/// How far a partition's restore has come.
+#[derive(Debug, Clone, Copy)]
+struct RestoreProgress {
+    started: Instant,
+    restored: u64,
+    remaining: i64,
+}
+
+impl RestoreProgress {
+    fn new() -> RestoreProgress {
+        RestoreProgress {
+            started: Instant::now(),
+            restored: 0,
+            remaining: 0,
+        }
+    }
 }
 
 impl Shared {
@@ -74,8 +99,10 @@ impl Shared {
         max_future_skew: i64,
         input_topics: Vec<String>,
         metrics: Arc<Metrics>,
-    ) -> Shared {
-        Shared {
+        kafka: KafkaSettings,
+    ) -> Result<Shared, StoreError> {
+        let writer = store_id(&store)?;
+        Ok(Shared {
             program,
             engine,
             store,
@@ -89,10 +116,26 @@ impl Shared {
             max_merge_wait: pipeline.max_merge_wait,
             clock: Box::new(wall_clock_ms),
             metrics,
+            kafka,
+            writer,
             publishable: Mutex::new(HashMap::new()),
             failure: Mutex::new(None),
             readiness: Mutex::new(Readiness::default()),
+        })
+    }
+
+    /// A partition's restore moved on.
+    fn restore_progress(&self, partition: i32, restored: u64, remaining: i64) {
+        if let Ok(mut readiness) = self.readiness.lock() {
+            if let Some(progress) = readiness.restoring.get_mut(&partition) {
+                progress.restored = restored;
+                progress.remaining = remaining;
+            }
         }
+        self.metrics
+            .restore_remaining
+            .with_label_values(&[&partition.to_string()])
+            .set(remaining);
     }
 
     /// A partition's worker has restored its state and outbox and is consuming.
@@ -100,6 +143,10 @@ impl Shared {
         if let Ok(mut readiness) = self.readiness.lock() {
             readiness.restoring.remove(&partition);
         }
+        let _ = self
+            .metrics
+            .restore_remaining
+            .remove_label_values(&[&partition.to_string()]);
     }
 
     /// `Ok(())` when ready to serve (assigned, every partition restored, no failure), else why
@@ -125,7 +172,19 @@ impl Shared {
             return Err("waiting for a partition assignment from the consumer group".into());
         }
         if !readiness.restoring.is_empty() {
-            return Err(format!("restoring partitions {:?}", readiness.restoring));
+            let detail: Vec<String> = readiness
+                .restoring
+                .iter()
+                .map(|(partition, progress)| {
+                    format!(
+                        "{partition} ({} records restored, {} remaining, {:.1} s)",
+                        progress.restored,
+                        progress.remaining,
+                        progress.started.elapsed().as_secs_f64()
+                    )
+                })
+                .collect();
+            return Err(format!("restoring partitions {}", detail.join(", ")));
         }
         Ok(())
     }
@@ -151,6 +210,133 @@ impl Shared {
             failure.get_or_insert(reason);
         }
     }
+}
+
+/// How long a restore waits between attempts to reach the changelog.
+const RESTORE_RETRY: Duration = Duration::from_secs(1);
+
+/// A newly assigned partition, on its own thread: brings its local copy up to the changelog
+/// (its input stays paused meanwhile, and `/readyz` shows the progress), resumes its input where
+/// the restored state ends, and runs its worker. A revocation in the middle stops the restore
+/// with its progress saved.
+fn start_partition(
+    partition: i32,
+    shared: Arc<Shared>,
+    mut inputs: Vec<PartitionInput>,
+    stop_at: Arc<OnceLock<Instant>>,
+    receiver: std::sync::mpsc::Receiver<WorkerInput>,
+) {
+    let stop = || stop_at.get().is_some();
+    let started = Instant::now();
+    loop {
+        match restore_partition(partition, &shared, &stop) {
+            Ok(()) => break,
+            Err(restore::RestoreError::Interrupted) => {
+                tracing::info!(partition, "restore interrupted; its progress is saved");
+                return;
+            }
+            Err(error @ restore::RestoreError::Changelog(_)) => {
+                // Kafka unreachable or the topic not there yet: try again, paused meanwhile.
+                tracing::warn!(partition, %error, "restore could not read the changelog; retrying");
+                let until = Instant::now() + RESTORE_RETRY;
+                while Instant::now() < until {
+                    if stop() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Err(error) => {
+                tracing::error!(partition, %error, "restore failed");
+                shared.fail(format!("restoring partition {partition}: {error}"));
+                return;
+            }
+        }
+    }
+    shared
+        .metrics
+        .restore_seconds
+        .observe(started.elapsed().as_secs_f64());
+    // Resume each input where the (possibly restored) state ends.
+    let p = partition as u32;
+    for input in &mut inputs {
+        let key = keys::input_offset(p, &input.topic);
+        let offset = match shared.store.get(Table::Meta, &key) {
+            Ok(bytes) => bytes.and_then(|b| crate::store::codec::decode_i64(&b).ok()),
+            Err(error) => {
+                shared.fail(format!("partition {partition}: {error}"));
+                return;
+            }
+        };
+        if let Err(error) = input.resume_at(offset) {
+            shared.fail(format!(
+                "partition {partition}: resuming its input: {error}"
+            ));
+            return;
+        }
+    }
+    let worker = match Worker::open(partition, shared.clone(), inputs, stop_at.clone()) {
+        Ok(worker) => worker,
+        Err(error) => {
+            shared.fail(format!("opening partition {partition}: {error}"));
+            return;
+        }
+    };
+    worker.run(receiver);
+}
+
+/// One attempt at bringing the partition's local copy up to its changelog.
+fn restore_partition(
+    partition: i32,
+    shared: &Shared,
+    stop: &dyn Fn() -> bool,
+) -> Result<(), restore::RestoreError> {
+    let reader = crate::kafka::changelog::ChangelogReader::new(
+        &shared.kafka,
+        &shared.topics.changelog,
+        Duration::from_secs(5),
+    )
+    .map_err(|e| restore::RestoreError::Changelog(e.to_string()))?;
+    let progress = |restored: u64, remaining: i64| {
+        shared.restore_progress(partition, restored, remaining);
+    };
+    let restored = restore::bring_up_to_date(
+        partition,
+        shared.store.as_ref(),
+        &reader,
+        &shared.writer,
+        &shared.program,
+        stop,
+        &progress,
+    )?;
+    if let Some(restored) = restored {
+        shared.metrics.restore_records.inc_by(restored.records);
+        tracing::info!(
+            partition,
+            plan = ?restored.plan,
+            records = restored.records,
+            elapsed_ms = restored.elapsed.as_millis() as u64,
+            records_per_s = (restored.records as f64 / restored.elapsed.as_secs_f64().max(1e-6)) as u64,
+            "partition restored from the changelog"
+        );
+    }
+    Ok(())
+}
+
+/// This store's random id (made at its first open), which tells the changelog records it wrote
+/// from another instance's.
+fn store_id(store: &RocksStore) -> Result<[u8; 8], StoreError> {
+    if let Some(bytes) = store.get(Table::Meta, &keys::store_id())? {
+        if let Ok(id) = <[u8; 8]>::try_from(bytes.as_slice()) {
+            return Ok(id);
+        }
+    }
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| StoreError::Io(format!("random store id: {e}")))?;
+    let mut writes = WriteSet::default();
+    writes.put(Table::Meta, keys::store_id(), id.to_vec());
+    store.write(writes)?;
+    Ok(id)
 }
 
 /// Milliseconds since the epoch, from the system clock.
@@ -277,7 +463,12 @@ impl InputSink for Dispatcher {
         metrics.rebalances.with_label_values(&["assigned"]).inc();
         if let Ok(mut readiness) = self.shared.readiness.lock() {
             readiness.assigned_once = true;
-            readiness.restoring.extend(partitions);
+            for partition in partitions {
+                readiness
+                    .restoring
+                    .entry(*partition)
+                    .or_insert_with(RestoreProgress::new);
+            }
             readiness.owned.extend(partitions);
             metrics
                 .assigned_partitions
@@ -309,29 +500,18 @@ impl InputSink for Dispatcher {
                     let _ = waker.try_send(WorkerInput::Wake);
                 });
             }
-            let started = Instant::now();
-            let worker = match Worker::open(partition, self.shared.clone(), own_inputs) {
-                Ok(worker) => worker,
-                Err(error) => {
-                    self.shared
-                        .fail(format!("opening partition {partition}: {error}"));
-                    continue;
-                }
-            };
-            let inputs = sender;
-            let stop_at = worker.stop_handle();
+            let stop_at = Arc::new(OnceLock::new());
+            let shared = self.shared.clone();
+            let stop = stop_at.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("partition-{partition}"))
-                .spawn(move || worker.run(receiver));
-            metrics
-                .restore_seconds
-                .observe(started.elapsed().as_secs_f64());
+                .spawn(move || start_partition(partition, shared, own_inputs, stop, receiver));
             match spawned {
                 Ok(thread) => {
                     routing.workers.insert(
                         partition,
                         WorkerHandle {
-                            inputs,
+                            inputs: sender,
                             thread,
                             stop_at,
                         },

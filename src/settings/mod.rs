@@ -105,6 +105,8 @@ pub struct StateSettings {
     pub dir: PathBuf,
     pub block_cache_bytes: usize,
     pub sync_writes: bool,
+    /// The compacted changelog topic (one partition per input partition).
+    pub changelog_topic: String,
 }
 
 /// Validated settings.
@@ -455,6 +457,10 @@ fn build(
         dir: PathBuf::from(raw.state.dir.unwrap_or_else(|| "state".into())),
         block_cache_bytes: raw.state.block_cache_mb.unwrap_or(128) << 20,
         sync_writes: raw.state.sync_writes.unwrap_or(false),
+        changelog_topic: raw
+            .state
+            .changelog_topic
+            .unwrap_or_else(|| "segmenter-changelog".into()),
     };
     let http_listen = raw
         .http

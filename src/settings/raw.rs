@@ -130,6 +130,8 @@ pub struct RawState {
     pub dir: Option<String>,
     pub block_cache_mb: Option<usize>,
     pub sync_writes: Option<bool>,
+    /// The compacted topic each partition's state is mirrored to (see `crate::changelog`).
+    pub changelog_topic: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -132,6 +132,82 @@ pub fn input_offset(partition: u32, topic: &str) -> Vec<u8> {
     key
 }
 
+/// `offset/partition(4)/`: the prefix of a partition's input offsets in Meta.
+pub fn input_offset_prefix(partition: u32) -> Vec<u8> {
+    let mut key = b"offset/".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.push(b'/');
+    key
+}
+
+/// `changelog_next/partition(4)` in Meta: the next changelog offset the partition's local state
+/// reflects (see `crate::changelog`).
+pub fn changelog_next(partition: u32) -> Vec<u8> {
+    let mut key = b"changelog_next/".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// `restore/partition(4)` in Meta: a restore in progress (`changelog::Restore`, JSON).
+pub fn restore(partition: u32) -> Vec<u8> {
+    let mut key = b"restore/".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// `skip/partition(4)/`: the prefix of a partition's skip marks in Meta.
+pub fn skip_prefix(partition: u32) -> Vec<u8> {
+    let mut key = b"skip/".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.push(b'/');
+    key
+}
+
+/// `skip/partition(4)/customer_id` in Meta: input offsets below which the customer's events
+/// are already in its restored state (see `crate::changelog`).
+pub fn skip(partition: u32, customer_id: &str) -> Vec<u8> {
+    let mut key = skip_prefix(partition);
+    key.extend_from_slice(customer_id.as_bytes());
+    key
+}
+
+/// `store_id` in Meta: this store's random id, written into the changelog records it produces.
+pub fn store_id() -> Vec<u8> {
+    b"store_id".to_vec()
+}
+
+/// The first key after every key that starts with `prefix` (for range deletions).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xFF (never one of ours): everything after.
+    vec![u8::MAX; prefix.len() + 1]
+}
+
+/// Every Meta key of a partition that holds local per-partition state, as (exact key) and
+/// (prefix) lists — what dropping a partition's local copy deletes.
+pub fn partition_meta(partition: u32) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    (
+        vec![
+            clock(partition),
+            members_version(partition),
+            outbox_next(partition),
+            changelog_next(partition),
+            restore(partition),
+        ],
+        vec![
+            members_count_prefix(partition),
+            input_offset_prefix(partition),
+            skip_prefix(partition),
+        ],
+    )
+}
+
 fn order_preserving(value: i64) -> [u8; 8] {
     ((value as u64) ^ (1 << 63)).to_be_bytes()
 }
