@@ -9,6 +9,11 @@
 //!   uninterrupted run's (`segmenter replay`).
 //! - `kill_9_fifty_times_in_a_row_loses_nothing`: tests/support/crash.rs with `SOAK_KILLS`
 //!   (default 50) SIGKILLs in a row under load.
+//! - `scale_out_randomised_moves_lose_no_transition`: tests/support/scaleout.rs with
+//!   `SOAK_MOVES` (default 100) randomised moves of instances in one group over 12 partitions
+//!   (start on an empty state dir, restart on an old one, SIGTERM, kill -9, kill -9 and delete the
+//!   state dir) under load; then the change topic, de-duplicated by `id`, must equal `segmenter
+//!   replay` of the input (scripts/soak/scaleout.sh).
 
 #[path = "support/tansu.rs"]
 mod tansu;
@@ -18,6 +23,9 @@ mod service;
 
 #[path = "support/crash.rs"]
 mod crash;
+
+#[path = "support/scaleout.rs"]
+mod scaleout;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -454,4 +462,68 @@ fn kill_9_fifty_times_in_a_row_loses_nothing() {
         min_kills: kills,
         max_kills: kills,
     });
+}
+
+#[test]
+#[ignore = "soak: minutes long; run by scripts/soak/scaleout.sh"]
+fn scale_out_randomised_moves_lose_no_transition() {
+    let moves = env_u64("SOAK_MOVES", 100) as usize;
+    let rate = env_u64("SOAK_RATE", 300);
+    let max_live = env_u64("SOAK_MAX_INSTANCES", 3) as usize;
+    let seed = env_u64("SOAK_SEED", service::wall_ms() as u64);
+    // About 4 s of input per move (a move and its rebalance take 1-4 s), so it outlasts them.
+    let events = env_u64("SOAK_EVENTS", rate * (4 * moves as u64 + 10));
+    let mut cluster = scaleout::Cluster::new(scaleout::Plan {
+        name: "soak-scaleout".into(),
+        customers: env_u64("SOAK_CUSTOMERS", 2_000),
+        events,
+        seed,
+        produce_rate: rate,
+        ballast_customers: env_u64("SOAK_BALLAST", 0),
+        session_timeout_ms: 2_000,
+    });
+    eprintln!(
+        "scale-out soak: seed {seed} (SOAK_SEED), {moves} moves, at most {max_live} instances, \
+         {events} events at {rate}/s"
+    );
+    cluster.start_fresh();
+    cluster.wait_balanced(scaleout::SETTLE);
+    cluster.start_input();
+    let mut rng = scaleout::Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let started = Instant::now();
+    let counts = scaleout::random_moves(&mut cluster, moves, max_live, &mut rng);
+    let moving = started.elapsed();
+    let flowing = cluster.input_running();
+    let produced_at_end = cluster.produced();
+    cluster.settle();
+    let verdict = cluster.compare(&format!("{moves} randomised moves (seed {seed})"));
+    let by_kind: Vec<String> = counts
+        .iter()
+        .map(|(kind, n)| format!("{} {n}", kind.label()))
+        .collect();
+    eprintln!(
+        "scale-out soak: {}; seed {seed}; {moves} moves in {:.0} s: {}; input {} lines at \
+         {rate}/s, {}; {} changes compared, {} change records read, {} duplicates dropped; \
+         total {:.0} s",
+        if verdict.report.is_none() {
+            "PASSED (equal to the replay)"
+        } else {
+            "FAILED (see below)"
+        },
+        moving.as_secs_f64(),
+        by_kind.join(", "),
+        cluster.input_lines(),
+        if flowing {
+            format!("still flowing after the last move ({produced_at_end} produced by then)")
+        } else {
+            "ended before the last move (raise SOAK_EVENTS)".to_string()
+        },
+        verdict.expected,
+        verdict.records,
+        verdict.duplicates,
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(report) = verdict.report {
+        panic!("{report}");
+    }
 }

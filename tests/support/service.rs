@@ -13,7 +13,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -96,6 +96,9 @@ pub struct TestConfig {
     pub consumer: BTreeMap<String, String>,
     /// Appended as is (e.g. `[kafka.client]` and `[kafka.secrets]` tables).
     pub extra_toml: String,
+    /// Lines added to the `[state]` table as they are (e.g. `changelog_topic = "x"`): a table
+    /// cannot be reopened further down, so `extra_toml` cannot add to it.
+    pub state_extra: String,
 }
 
 impl TestConfig {
@@ -116,6 +119,7 @@ impl TestConfig {
             dlq_topic: "segmenter-dlq".into(),
             consumer,
             extra_toml: String::new(),
+            state_extra: String::new(),
         }
     }
 
@@ -150,9 +154,14 @@ impl TestConfig {
             quote(&self.dlq_topic)
         ));
         out.push_str(&format!(
-            "\n[state]\ndir = {}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            "\n[state]\ndir = {}\n",
             quote(&self.state_dir.display().to_string())
         ));
+        if !self.state_extra.is_empty() {
+            out.push_str(self.state_extra.trim_end());
+            out.push('\n');
+        }
+        out.push_str("\n[http]\nlisten = \"127.0.0.1:0\"\n");
         out.push_str(&self.extra_toml);
         out
     }
@@ -346,9 +355,55 @@ impl Service {
         self.wait_for_log("partitions assigned", Duration::from_secs(60));
     }
 
+    /// `GET /readyz`: status and body (503 with a `reason` while not ready).
+    pub fn readyz(&mut self) -> (u16, String) {
+        let address = self.http_address();
+        readyz(&address)
+    }
+
+    /// How many lines of this start's output contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// The input partitions this start owns according to its log: the last `partitions
+    /// assigned` list, less what `partitions revoked` took since.
+    pub fn owned_partitions(&self) -> BTreeSet<i32> {
+        let mut owned = BTreeSet::new();
+        for line in self.log_text().lines() {
+            if line.contains("partitions assigned") {
+                owned = log_partitions(line);
+            } else if line.contains("partitions revoked") {
+                for partition in log_partitions(line) {
+                    owned.remove(&partition);
+                }
+            }
+        }
+        owned
+    }
+
     pub fn config(&self) -> &Path {
         &self.config
     }
+}
+
+/// The numbers of a `partitions=[0, 3, 6]` log field (the service's rebalance lines).
+pub fn log_partitions(line: &str) -> BTreeSet<i32> {
+    let Some((_, rest)) = line.split_once("partitions=[") else {
+        return BTreeSet::new();
+    };
+    let list = rest.split(']').next().unwrap_or_default();
+    list.split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// `GET /readyz` at `address`: status and body.
+pub fn readyz(address: &str) -> (u16, String) {
+    http(address, "GET", "/readyz", None)
 }
 
 impl Drop for Service {
@@ -950,30 +1005,72 @@ pub fn assert_same_changes(got: &BTreeMap<String, Value>, expected: &[Value], co
 /// Waits until the service's consumer group has committed, for every partition of `topics`, the
 /// current end offset (it commits what is processed and published about once a second).
 pub fn wait_committed(brokers: &str, group: &str, topics: &[&str], service: &mut Service) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("creating an offsets reader");
-    let mut ends = TopicPartitionList::new();
-    for topic in topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
-        let partitions = metadata
-            .topics()
-            .first()
-            .map_or(0, |t| t.partitions().len());
-        for p in 0..partitions as i32 {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("watermarks of {topic}/{p}: {e}"));
-            ends.add_partition_offset(topic, p, Offset::Offset(high))
-                .expect("adding a partition");
+    let offsets = GroupOffsets::new(brokers, group);
+    let ends = offsets.ends(topics);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lagging = offsets.behind(&ends);
+        if lagging.is_empty() {
+            return;
         }
+        service.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "group {group} has not committed the input within 60 s: {lagging:?}; log:\n{}",
+            service.log_tail()
+        );
+        thread::sleep(Duration::from_millis(100));
     }
-    let behind = |committed: &TopicPartitionList| -> Vec<String> {
+}
+
+/// Reads a consumer group's committed offsets from outside the group, and topics' end offsets.
+pub struct GroupOffsets {
+    consumer: BaseConsumer,
+}
+
+impl GroupOffsets {
+    pub fn new(brokers: &str, group: &str) -> GroupOffsets {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .expect("creating an offsets reader");
+        GroupOffsets { consumer }
+    }
+
+    /// Every partition of `topics` (which must exist) with its current end offset.
+    pub fn ends(&self, topics: &[&str]) -> TopicPartitionList {
+        let mut ends = TopicPartitionList::new();
+        for topic in topics {
+            let metadata = self
+                .consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+            let partitions = metadata
+                .topics()
+                .first()
+                .map_or(0, |t| t.partitions().len());
+            for p in 0..partitions as i32 {
+                let (_, high) = self
+                    .consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("watermarks of {topic}/{p}: {e}"));
+                ends.add_partition_offset(topic, p, Offset::Offset(high))
+                    .expect("adding a partition");
+            }
+        }
+        ends
+    }
+
+    /// `topic/partition: committed of end` for every partition of `ends` whose committed offset
+    /// is below it (no commit counts as 0).
+    pub fn behind(&self, ends: &TopicPartitionList) -> Vec<String> {
+        let committed = self
+            .consumer
+            .committed_offsets(ends.clone(), Duration::from_secs(10))
+            .expect("reading committed offsets");
         ends.elements()
             .iter()
             .filter_map(|end| {
@@ -990,24 +1087,35 @@ pub fn wait_committed(brokers: &str, group: &str, topics: &[&str], service: &mut
                 (at < high).then(|| format!("{}/{}: {at} of {high}", end.topic(), end.partition()))
             })
             .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let committed = consumer
-            .committed_offsets(ends.clone(), Duration::from_secs(10))
-            .expect("reading committed offsets");
-        let lagging = behind(&committed);
-        if lagging.is_empty() {
-            return;
-        }
-        service.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "group {group} has not committed the input within 60 s: {lagging:?}; log:\n{}",
-            service.log_tail()
-        );
-        thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Partition count and total records (sum of high watermarks) of `topic`, or `None` if it does
+/// not exist. Never creates it (no auto-creation is asked for).
+pub fn topic_size(brokers: &str, topic: &str) -> Option<(i32, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-size-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("creating a metadata reader");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .ok()?;
+    let found = metadata.topics().first()?;
+    if found.error().is_some() || found.partitions().is_empty() {
+        return None;
+    }
+    let partitions = found.partitions().len() as i32;
+    let mut records = 0;
+    for p in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .ok()?;
+        records += high - low;
+    }
+    Some((partitions, records))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1239,4 +1347,336 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             have.sort();
             (have == wanted).then(|| value.parse().ok())?
         })
+}
+
+/// The sum of every sample of `name` (all label sets) in Prometheus text; 0 if there is none.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let metric_name = series.split('{').next()?;
+            (metric_name == name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// `segmenter check --config PATH`: `Ok` with its output when it accepts the config, `Err`
+/// with its output (stdout and stderr) when it refuses it.
+pub fn check_config(path: &Path) -> Result<String, String> {
+    let out = Command::new(SEGMENTER)
+        .args(["check", "--config"])
+        .arg(path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running segmenter check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Comparing a change topic with the oracle, with a report a person can act on
+
+/// How the distinct changes of a change topic (by `id`) differ from the oracle's.
+#[derive(Debug, Default)]
+pub struct ChangeDiff {
+    /// Changes the oracle has.
+    pub expected: usize,
+    /// Records read from the change topic.
+    pub records: usize,
+    /// Distinct ids among them.
+    pub distinct: usize,
+    /// Re-publications identical to the first copy of their id (dropped).
+    pub duplicates: usize,
+    /// Later copies of an id whose payload differs from the first copy: (first, other).
+    pub conflicting: Vec<(Value, Value)>,
+    /// In the oracle, not in the topic.
+    pub missing: Vec<Value>,
+    /// In the topic, not in the oracle.
+    pub extra: Vec<Value>,
+    /// Same id in both, other payload: (expected, got).
+    pub different: Vec<(Value, Value)>,
+    /// (customer, segment) pairs whose distinct changes are not `seq` 1..n alternating from
+    /// `entered`, with their (seq, change) list.
+    pub seq_breaks: Vec<String>,
+}
+
+impl ChangeDiff {
+    pub fn is_clean(&self) -> bool {
+        self.conflicting.is_empty()
+            && self.missing.is_empty()
+            && self.extra.is_empty()
+            && self.different.is_empty()
+            && self.seq_breaks.is_empty()
+    }
+
+    /// Every count on one line.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "expected {} changes; change topic {} records, {} distinct ids ({} identical duplicates \
+             dropped); missing {}, extra {}, different {}, conflicting copies {}, broken seq/alternation {}",
+            self.expected,
+            self.records,
+            self.distinct,
+            self.duplicates,
+            self.missing.len(),
+            self.extra.len(),
+            self.different.len(),
+            self.conflicting.len(),
+            self.seq_breaks.len()
+        )
+    }
+
+    /// A report: the summary line, counts per input partition (`partition_of` maps a customer to
+    /// its partition; `partition_note` adds e.g. the partition's owners), and the first `limit`
+    /// changes of each kind in `at` order, each with customer, segment, seq, change and at.
+    pub fn report(
+        &self,
+        limit: usize,
+        partition_of: impl Fn(&str) -> i32,
+        partition_note: impl Fn(i32) -> String,
+    ) -> String {
+        let mut out = self.summary_line();
+        // Per partition: missing, extra, different, conflicting, earliest `at` among them.
+        let mut per: BTreeMap<i32, ([usize; 4], String)> = BTreeMap::new();
+        let mut note = |change: &Value, kind: usize| {
+            let entry = per
+                .entry(partition_of(change.s("customer_id")))
+                .or_insert(([0; 4], String::new()));
+            entry.0[kind] += 1;
+            let at = change.s("at");
+            if entry.1.is_empty() || at < entry.1.as_str() {
+                entry.1 = at.to_string();
+            }
+        };
+        for change in &self.missing {
+            note(change, 0);
+        }
+        for change in &self.extra {
+            note(change, 1);
+        }
+        for (want, _) in &self.different {
+            note(want, 2);
+        }
+        for (first, _) in &self.conflicting {
+            note(first, 3);
+        }
+        if !per.is_empty() {
+            out.push_str(
+                "\nper input partition (missing / extra / different / conflicting, earliest at):",
+            );
+            for (partition, (counts, earliest)) in &per {
+                out.push_str(&format!(
+                    "\n  p{partition}: {} / {} / {} / {}, from {earliest}{}",
+                    counts[0],
+                    counts[1],
+                    counts[2],
+                    counts[3],
+                    partition_note(*partition)
+                ));
+            }
+        }
+        let sorted = |list: Vec<&Value>| -> Vec<String> {
+            let mut list = list;
+            list.sort_by(|a, b| {
+                (a.s("at"), a.s("customer_id")).cmp(&(b.s("at"), b.s("customer_id")))
+            });
+            list.iter()
+                .take(limit)
+                .map(|c| describe_change(c))
+                .collect()
+        };
+        let section = |out: &mut String, title: &str, total: usize, lines: Vec<String>| {
+            if total > 0 {
+                out.push_str(&format!("\nfirst {} of {total} {title}:", lines.len()));
+                for line in lines {
+                    out.push_str(&format!("\n  {line}"));
+                }
+            }
+        };
+        section(
+            &mut out,
+            "missing (the oracle has them, the topic does not)",
+            self.missing.len(),
+            sorted(self.missing.iter().collect()),
+        );
+        section(
+            &mut out,
+            "extra (in the topic, not in the oracle)",
+            self.extra.len(),
+            sorted(self.extra.iter().collect()),
+        );
+        let mut different: Vec<&(Value, Value)> = self.different.iter().collect();
+        different.sort_by(|a, b| {
+            (a.0.s("at"), a.0.s("customer_id")).cmp(&(b.0.s("at"), b.0.s("customer_id")))
+        });
+        let lines = different
+            .iter()
+            .take(limit)
+            .map(|(want, got)| {
+                format!(
+                    "{}; got {}",
+                    describe_change(want),
+                    differing_fields(want, got)
+                )
+            })
+            .collect();
+        section(
+            &mut out,
+            "different (same id, other payload; expected, then what the topic has)",
+            self.different.len(),
+            lines,
+        );
+        let lines = self
+            .conflicting
+            .iter()
+            .take(limit)
+            .map(|(first, other)| {
+                format!(
+                    "{}; another copy has {}",
+                    describe_change(first),
+                    differing_fields(first, other)
+                )
+            })
+            .collect();
+        section(
+            &mut out,
+            "conflicting copies (one id published with different payloads)",
+            self.conflicting.len(),
+            lines,
+        );
+        section(
+            &mut out,
+            "customer/segment pairs whose seq is not 1..n alternating from entered",
+            self.seq_breaks.len(),
+            self.seq_breaks.iter().take(limit).cloned().collect(),
+        );
+        out
+    }
+}
+
+/// `c-42 idle seq 3 entered at 2026-… (timer)`.
+pub fn describe_change(change: &Value) -> String {
+    let cause = change.get("cause").and_then(Value::as_str).unwrap_or("?");
+    let message = change
+        .get("message_id")
+        .and_then(Value::as_str)
+        .map(|m| format!(" {m}"))
+        .unwrap_or_default();
+    format!(
+        "{} {} seq {} {} at {} ({cause}{message})",
+        change.s("customer_id"),
+        change.s("segment"),
+        change.get("seq").map_or("?".to_string(), Value::to_string),
+        change.s("change"),
+        change.s("at")
+    )
+}
+
+/// The fields of `other` that differ from `base`, as `field=value`.
+fn differing_fields(base: &Value, other: &Value) -> String {
+    let (Some(base), Some(other)) = (base.as_object(), other.as_object()) else {
+        return other.to_string();
+    };
+    let mut keys: BTreeSet<&String> = base.keys().collect();
+    keys.extend(other.keys());
+    let fields: Vec<String> = keys
+        .into_iter()
+        .filter(|key| base.get(*key) != other.get(*key))
+        .map(|key| {
+            format!(
+                "{key}={}",
+                other
+                    .get(key)
+                    .map_or("(absent)".to_string(), Value::to_string)
+            )
+        })
+        .collect();
+    fields.join(" ")
+}
+
+/// Compares the change records read from a topic with the oracle's changes: de-duplicated by
+/// `id` (the first copy counts; differing copies are reported, not a panic), then missing, extra
+/// and different by id, and `seq`/alternation over the distinct changes.
+pub fn diff_changes(records: &[Record], expected: &[Value]) -> ChangeDiff {
+    let mut got: BTreeMap<String, Value> = BTreeMap::new();
+    let mut diff = ChangeDiff {
+        expected: expected.len(),
+        records: records.len(),
+        ..ChangeDiff::default()
+    };
+    for record in records {
+        let change = record.json();
+        let id = change.s("id").to_string();
+        match got.get(&id) {
+            Some(first) if *first == change => diff.duplicates += 1,
+            Some(first) => diff.conflicting.push((first.clone(), change)),
+            None => {
+                got.insert(id, change);
+            }
+        }
+    }
+    diff.distinct = got.len();
+    let want: BTreeMap<&str, &Value> = expected.iter().map(|c| (c.s("id"), c)).collect();
+    for (id, change) in &want {
+        match got.get(*id) {
+            None => diff.missing.push((*change).clone()),
+            Some(found) if found != *change => {
+                diff.different.push(((*change).clone(), found.clone()));
+            }
+            Some(_) => {}
+        }
+    }
+    diff.extra = got
+        .iter()
+        .filter(|(id, _)| !want.contains_key(id.as_str()))
+        .map(|(_, c)| c.clone())
+        .collect();
+    let distinct: Vec<Value> = got.into_values().collect();
+    diff.seq_breaks = seq_breaks(&distinct);
+    diff
+}
+
+/// The (customer, segment) pairs of `changes` (each change once) whose seqs are not exactly
+/// 1..n alternating from `entered`, each as `customer/segment: [(seq, change) …]`.
+pub fn seq_breaks(changes: &[Value]) -> Vec<String> {
+    let mut per: BTreeMap<(String, String), Vec<(u64, String)>> = BTreeMap::new();
+    for change in changes {
+        per.entry((
+            change.s("customer_id").to_string(),
+            change.s("segment").to_string(),
+        ))
+        .or_default()
+        .push((change.seq(), change.s("change").to_string()));
+    }
+    let mut broken = Vec::new();
+    for ((customer, segment), mut list) in per {
+        list.sort();
+        let fine = list.iter().enumerate().all(|(i, (seq, kind))| {
+            let expected_kind = if i % 2 == 0 { "entered" } else { "exited" };
+            *seq == i as u64 + 1 && kind == expected_kind
+        });
+        if !fine {
+            let shown: Vec<String> = list
+                .iter()
+                .take(8)
+                .map(|(s, k)| format!("{s} {k}"))
+                .collect();
+            let more = if list.len() > 8 { ", …" } else { "" };
+            broken.push(format!(
+                "{customer}/{segment}: [{}{more}]",
+                shown.join(", ")
+            ));
+        }
+    }
+    broken
 }
