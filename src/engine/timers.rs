@@ -18,6 +18,10 @@
 //! what was cut is in the store). That needs the write set committed before the engine next
 //! reads the store — the contract the customer cache already relies on.
 //!
+//! It relies on what the engine guarantees: a customer has at most one live timer, the one its
+//! state names. So an insertion is always of a timer not live, and a removal always of a live
+//! one — beyond the frontier and not in `added`, that one is in the store.
+//!
 //! Memory: O(window + timers changed since the last write-back), whatever the number of
 //! customers. Opening reads every key once (to count them and refuse a corrupt one) but keeps
 //! only the window.
@@ -33,7 +37,8 @@ pub type Timer = (Millis, String);
 /// How far the store's timers have been read into memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Frontier {
-    /// Every persisted timer up to and including this one is in `loaded` (or removed since).
+    /// Every persisted timer up to and including this one is in `loaded` (unless fired or
+    /// removed since).
     At(Timer),
     /// Every persisted timer is: nothing more to read.
     End,
@@ -157,7 +162,7 @@ impl TimerQueue {
             let Frontier::At(last) = &self.frontier else {
                 return Ok(());
             };
-            let mut page = Vec::with_capacity(self.window);
+            let mut page = Vec::with_capacity(self.window.min(4096));
             visit_timers(store, self.partition, Some(last), &mut |due, customer| {
                 page.push((due, customer.to_string()));
                 page.len() < self.window
