@@ -7,9 +7,11 @@
 //! crash recovery (re-processing after a restart yields the same change ids) possible.
 //!
 //! State is cached in memory and written back in batches ([`PartitionEngine::take_writes`]), so
-//! the caller decides what else (outbox, input offsets) lands in the same atomic write.
+//! the caller decides what else (outbox, input offsets) lands in the same atomic write. Timers
+//! are read from the store in due order, a window at a time (`timers.rs`); memory for them does
+//! not grow with the number of customers.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
@@ -19,6 +21,9 @@ use crate::model::{Cause, Change, ChangeKind, Event, Millis};
 use crate::rules::{evaluate_dirty, next_change, Program};
 use crate::store::codec::{self, StateLayout};
 use crate::store::{keys, Store, StoreError, Table, WriteSet};
+
+mod timers;
+use timers::TimerQueue;
 
 /// Where `now` comes from (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +44,8 @@ pub struct EngineConfig {
     pub lookahead_steps: usize,
     /// Clean customer states kept in memory after a write-back.
     pub max_cached_customers: usize,
+    /// Earliest timers kept in memory (later ones are read from the store as these fire).
+    pub timer_window: usize,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +55,7 @@ impl Default for EngineConfig {
             limits: Limits::default(),
             lookahead_steps: 16,
             max_cached_customers: 200_000,
+            timer_window: 10_000,
         }
     }
 }
@@ -100,7 +108,7 @@ pub struct PartitionEngine<S: Store> {
     cache: FxHashMap<String, Cached>,
     /// Customers changed since the last write-back.
     dirty: Vec<String>,
-    timers: BTreeSet<(Millis, String)>,
+    timers: TimerQueue,
     stats: EngineStats,
     /// Customers erased since the last write-back, with their persisted timer.
     erased: Vec<(String, Option<Millis>)>,
@@ -130,18 +138,7 @@ impl<S: Store> PartitionEngine<S> {
             ),
             None => None,
         };
-        let mut timers = BTreeSet::new();
-        for (key, _) in store.scan_prefix(Table::Timers, &keys::partition_prefix(partition))? {
-            // A timer that does not parse would be a customer never re-evaluated: refuse.
-            let timer = keys::parse_timer(&key).ok_or_else(|| StoreError::Corrupt {
-                key: format!(
-                    "timer of partition {partition} {}",
-                    crate::model::change::hex(&key)
-                ),
-                reason: "not partition(4) due(8) customer id (UTF-8)".into(),
-            })?;
-            timers.insert(timer);
-        }
+        let timers = TimerQueue::open(store.as_ref(), partition, config.timer_window)?;
         Ok(PartitionEngine {
             partition,
             program,
@@ -168,8 +165,15 @@ impl<S: Store> PartitionEngine<S> {
         self.stats
     }
 
+    /// Timers not fired yet (in memory or only in the store): exact.
     pub fn pending_timers(&self) -> usize {
         self.timers.len()
+    }
+
+    /// Timer entries held in memory: at most the window plus the timers changed since the last
+    /// write-back, however many are pending.
+    pub fn timers_in_memory(&self) -> usize {
+        self.timers.in_memory()
     }
 
     pub fn program(&self) -> &Program {
@@ -194,15 +198,15 @@ impl<S: Store> PartitionEngine<S> {
     ) -> Result<bool, EngineError> {
         let mut fired = 0;
         let mut reached = now;
-        while let Some((due, _)) = self.timers.first() {
-            if *due > now {
+        while let Some(due) = self.timers.first_due(self.store.as_ref())? {
+            if due > now {
                 break;
             }
             if fired == max_timers {
-                reached = self.now.unwrap_or(*due).max(*due - 1);
+                reached = self.now.unwrap_or(due).max(due - 1);
                 break;
             }
-            let Some((due, customer)) = self.timers.pop_first() else {
+            let Some((due, customer)) = self.timers.pop_first(self.store.as_ref())? else {
                 break;
             };
             self.fire(due, customer, out)?;
@@ -215,13 +219,10 @@ impl<S: Store> PartitionEngine<S> {
         Ok(reached < now)
     }
 
-    /// Timers due at or before `now`, counted up to `cap` (a burst can be millions).
-    pub fn due_timers(&self, now: Millis, cap: usize) -> usize {
-        self.timers
-            .iter()
-            .take_while(|(due, _)| *due <= now)
-            .take(cap)
-            .count()
+    /// Timers due at or before `now`, counted up to `cap` (a burst can be millions; beyond the
+    /// in-memory window this reads up to `cap` keys from the store).
+    pub fn due_timers(&self, now: Millis, cap: usize) -> Result<usize, EngineError> {
+        Ok(self.timers.count_due(self.store.as_ref(), now, cap)?)
     }
 
     fn fire(
@@ -275,7 +276,7 @@ impl<S: Store> PartitionEngine<S> {
         let customer = event.customer_id.as_str();
         let mut state = self.check_out(customer)?;
         if let Some(due) = state.timer.filter(|due| *due <= now) {
-            self.timers.remove(&(due, customer.to_string()));
+            self.timers.remove(due, customer);
             self.fire_state(customer, &mut state, due, out);
         }
         if let Some(message_id) = &event.message_id {
@@ -376,10 +377,10 @@ impl<S: Store> PartitionEngine<S> {
         state.evaluated_at = Some(t);
         if state.timer != next {
             if let Some(old) = state.timer {
-                self.timers.remove(&(old, customer.to_string()));
+                self.timers.remove(old, customer);
             }
             if let Some(due) = next {
-                self.timers.insert((due, customer.to_string()));
+                self.timers.insert(due, customer);
             }
             state.timer = next;
         }
@@ -453,8 +454,10 @@ impl<S: Store> PartitionEngine<S> {
     }
 
     /// Everything changed since the last call, as one write set (customer states, timers, the
-    /// clock). The caller adds its own records (outbox, offsets) and commits it atomically.
-    /// Afterwards the in-memory cache is trimmed to `max_cached_customers`.
+    /// clock). The caller adds its own records (outbox, offsets) and commits it atomically,
+    /// before calling the engine again: afterwards the in-memory cache is trimmed to
+    /// `max_cached_customers` and the timers to `timer_window`, and what was dropped is read
+    /// back from the store.
     pub fn take_writes(&mut self) -> WriteSet {
         let mut writes = WriteSet::default();
         self.take_writes_into(&mut writes);
@@ -500,6 +503,7 @@ impl<S: Store> PartitionEngine<S> {
             }
             cached.dirty = false;
         }
+        self.timers.written_back();
         if self.clock_dirty {
             if let Some(now) = self.now {
                 writes.put(
@@ -553,7 +557,7 @@ impl<S: Store> PartitionEngine<S> {
         let mut state = self.check_out(customer)?;
         let persisted_timer = persisted.unwrap_or(state.timer);
         if let Some(due) = state.timer {
-            self.timers.remove(&(due, customer.to_string()));
+            self.timers.remove(due, customer);
         }
         let at = state
             .memberships
@@ -638,3 +642,5 @@ pub fn decode_stored<S: Store + ?Sized>(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod window_tests;

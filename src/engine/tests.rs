@@ -16,11 +16,11 @@ use crate::rules::compile_rules;
 use crate::rules::parser::parse;
 use crate::store::MemoryStore;
 
-fn program(rules: &[(&str, &str)]) -> Arc<Program> {
+pub(super) fn program(rules: &[(&str, &str)]) -> Arc<Program> {
     Arc::new(compile_rules(rules))
 }
 
-fn track(
+pub(super) fn track(
     customer: &str,
     name: &str,
     ts: Millis,
@@ -48,7 +48,7 @@ fn identify(customer: &str, ts: Millis, traits: Value) -> Event {
     }
 }
 
-fn test_config() -> EngineConfig {
+pub(super) fn test_config() -> EngineConfig {
     EngineConfig {
         limits: Limits {
             max_entries_per_series: 100_000,
@@ -59,9 +59,9 @@ fn test_config() -> EngineConfig {
     }
 }
 
-type Row = (String, String, ChangeKind, Millis, u64, &'static str);
+pub(super) type Row = (String, String, ChangeKind, Millis, u64, &'static str);
 
-fn rows(changes: &[Change]) -> Vec<Row> {
+pub(super) fn rows(changes: &[Change]) -> Vec<Row> {
     changes
         .iter()
         .map(|c| {
@@ -78,11 +78,25 @@ fn rows(changes: &[Change]) -> Vec<Row> {
 }
 
 fn run_engine(program: Arc<Program>, events: &[Event], until: Option<Millis>) -> Vec<Change> {
+    run_engine_with(program, events, until, test_config(), false)
+}
+
+/// [`run_engine`] with a config, optionally writing back to the store after every event.
+fn run_engine_with(
+    program: Arc<Program>,
+    events: &[Event],
+    until: Option<Millis>,
+    config: EngineConfig,
+    write_back_each: bool,
+) -> Vec<Change> {
     let store = Arc::new(MemoryStore::default());
-    let mut engine = PartitionEngine::open(0, program, store, test_config()).expect("open");
+    let mut engine = PartitionEngine::open(0, program, store, config).expect("open");
     let mut out = Vec::new();
     for event in events {
         engine.apply_event(event, &mut out).expect("apply");
+        if write_back_each {
+            engine.flush().expect("flush");
+        }
     }
     if let Some(until) = until {
         engine.advance(until, &mut out).expect("advance");
@@ -802,7 +816,7 @@ fn arb_atom(segment_idx: usize) -> BoxedStrategy<String> {
     proptest::strategy::Union::new(choices).boxed()
 }
 
-fn arb_rule(segment_idx: usize) -> BoxedStrategy<String> {
+pub(super) fn arb_rule(segment_idx: usize) -> BoxedStrategy<String> {
     prop_oneof![
         2 => arb_atom(segment_idx),
         1 => (arb_atom(segment_idx), arb_atom(segment_idx)).prop_map(|(a, b)| format!("{a} and {b}")),
@@ -812,7 +826,7 @@ fn arb_rule(segment_idx: usize) -> BoxedStrategy<String> {
 }
 
 /// (customer, kind, time step, message id, value, key, late-if-0)
-type RawEvent = (u8, u8, i64, Option<u8>, Option<f64>, u8, u8);
+pub(super) type RawEvent = (u8, u8, i64, Option<u8>, Option<f64>, u8, u8);
 
 fn arb_event() -> impl Strategy<Value = RawEvent> {
     (
@@ -826,7 +840,7 @@ fn arb_event() -> impl Strategy<Value = RawEvent> {
     )
 }
 
-fn build_events(raw: &[RawEvent]) -> Vec<Event> {
+pub(super) fn build_events(raw: &[RawEvent]) -> Vec<Event> {
     let mut clock = 0i64;
     raw.iter()
         .map(|&(customer, kind, step, message, value, key, late)| {
@@ -885,6 +899,34 @@ proptest! {
         let events = build_events(&raw);
         let until = events.iter().map(|e| e.timestamp).max().map(|m| m + tail);
         let engine_rows = rows(&run_engine(program.clone(), &events, until));
+        let reference = Reference {
+            segments: named.iter().map(|(id, r)| (id.clone(), parse(r).expect("parses"))).collect(),
+            order: &program.eval_order,
+        };
+        let expected = reference.run(&events, until, 1000);
+        prop_assert_eq!(engine_rows, expected, "rules: {:#?}", texts);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// The same with a one-timer window and a write-back after every event: timers are cut
+    /// back to the store and read from it again all the time.
+    #[test]
+    fn engine_with_a_one_timer_window_agrees_with_the_naive_reference(
+        rules in (arb_rule(0), arb_rule(1), arb_rule(2)),
+        raw in proptest::collection::vec(arb_event(), 1..40),
+        tail in 0i64..1500,
+    ) {
+        let texts = [rules.0, rules.1, rules.2];
+        let named: Vec<(String, &str)> = texts.iter().enumerate().map(|(i, r)| (format!("s{i}"), r.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = named.iter().map(|(id, r)| (id.as_str(), *r)).collect();
+        let program = program(&pairs);
+        let events = build_events(&raw);
+        let until = events.iter().map(|e| e.timestamp).max().map(|m| m + tail);
+        let config = EngineConfig { timer_window: 1, ..test_config() };
+        let engine_rows = rows(&run_engine_with(program.clone(), &events, until, config, true));
         let reference = Reference {
             segments: named.iter().map(|(id, r)| (id.clone(), parse(r).expect("parses"))).collect(),
             order: &program.eval_order,

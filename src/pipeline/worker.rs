@@ -510,7 +510,7 @@ impl Worker {
         let now = self.wall_clock();
         self.engine
             .advance_bounded(now, self.shared.pipeline.timer_slice, &mut self.changes)?;
-        let overdue = self.engine.due_timers(now, 100_000);
+        let overdue = self.engine.due_timers(now, 100_000)?;
         self.series.timers_overdue.set(overdue as i64);
         for due in self.engine.take_fired() {
             self.metrics

@@ -412,6 +412,7 @@ fn build(
             .engine
             .max_cached_customers
             .unwrap_or(defaults.max_cached_customers),
+        timer_window: defaults.timer_window,
     };
     let mapping = build_mapping(raw.input.mapping, file, errors);
     let input = InputSettings {

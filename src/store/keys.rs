@@ -74,9 +74,14 @@ pub fn timer(partition: u32, due: Millis, customer_id: &str) -> Vec<u8> {
 
 /// Splits a timer key back into (due, customer id).
 pub fn parse_timer(key: &[u8]) -> Option<(Millis, String)> {
+    parse_timer_ref(key).map(|(due, customer)| (due, customer.to_string()))
+}
+
+/// [`parse_timer`] borrowing the customer id from the key (for scans that keep few of them).
+pub fn parse_timer_ref(key: &[u8]) -> Option<(Millis, &str)> {
     let due_bytes: [u8; 8] = key.get(4..12)?.try_into().ok()?;
     let due = (u64::from_be_bytes(due_bytes) ^ (1 << 63)) as i64;
-    let customer = std::str::from_utf8(key.get(12..)?).ok()?.to_string();
+    let customer = std::str::from_utf8(key.get(12..)?).ok()?;
     Some((due, customer))
 }
 

@@ -1,6 +1,7 @@
 //! An in-memory [`Store`] for unit tests of the engine (integration tests use RocksDB).
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Mutex;
 
 use super::{Entries, Store, StoreError, Table, WriteSet};
@@ -32,6 +33,47 @@ impl Store for MemoryStore {
             .take_while(|((t, key), _)| *t == table && key.starts_with(prefix))
             .map(|((_, key), value)| (key.clone(), value.clone()))
             .collect())
+    }
+
+    fn for_each_after(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        // In chunks, so the lock is not held while visiting and a long scan copies little.
+        const CHUNK: usize = 256;
+        let mut cursor = after.to_vec();
+        loop {
+            let chunk: Entries = {
+                let tables = self.lock()?;
+                let from = if cursor.as_slice() < prefix {
+                    Bound::Included((table, prefix.to_vec()))
+                } else {
+                    Bound::Excluded((table, cursor))
+                };
+                tables
+                    .range((from, Bound::Unbounded))
+                    .take_while(|((t, key), _)| *t == table && key.starts_with(prefix))
+                    .take(CHUNK)
+                    .map(|((_, key), value)| (key.clone(), value.clone()))
+                    .collect()
+            };
+            let Some((last, _)) = chunk.last() else {
+                return Ok(());
+            };
+            let resume = last.clone();
+            for (key, value) in &chunk {
+                if !visit(key, value) {
+                    return Ok(());
+                }
+            }
+            if chunk.len() < CHUNK {
+                return Ok(());
+            }
+            cursor = resume;
+        }
     }
 
     fn write(&self, writes: WriteSet) -> Result<(), StoreError> {

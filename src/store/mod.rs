@@ -142,6 +142,21 @@ pub trait Store: Send + Sync {
         Ok(())
     }
 
+    /// Like [`Store::for_each_prefix`] but only the entries whose key sorts after `after`: a
+    /// scan that resumes where an earlier one stopped (seeking, not reading from the start of
+    /// the prefix). `visit` must not call the store.
+    fn for_each_after(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.for_each_prefix(table, prefix, &mut |key, value| {
+            key <= after || visit(key, value)
+        })
+    }
+
     /// How many keys start with `prefix`.
     fn count_prefix(&self, table: Table, prefix: &[u8]) -> Result<u64, StoreError> {
         Ok(self.scan_prefix(table, prefix)?.len() as u64)

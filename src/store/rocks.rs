@@ -256,6 +256,30 @@ impl Store for RocksStore {
         iter.status().map_err(io)
     }
 
+    fn for_each_after(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let guard = self.db()?;
+        let db = guard.as_ref().ok_or_else(closed)?;
+        let family = Self::family(db, table)?;
+        let mut iter = db.raw_iterator_cf(family);
+        iter.seek(after.max(prefix));
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if key > after && !visit(key, value) {
+                break;
+            }
+            iter.next();
+        }
+        iter.status().map_err(io)
+    }
+
     fn count_prefix(&self, table: Table, prefix: &[u8]) -> Result<u64, StoreError> {
         let guard = self.db()?;
         let db = guard.as_ref().ok_or_else(closed)?;
@@ -349,6 +373,25 @@ mod tests {
             })
             .expect("visit");
         seen.push(visited.join(","));
+        for (prefix, after, stop) in [
+            (&b"a"[..], &b"a/2"[..], 10),
+            (b"a", b"a/2", 2),
+            (b"a/", b"0", 10),
+            (b"a/", b"a/", 10),
+            (b"a/", b"a/4", 10),
+            (b"a/", b"b", 10),
+            (b"", b"a/4", 10),
+            (b"ab", b"", 10),
+        ] {
+            let mut after_keys = Vec::new();
+            store
+                .for_each_after(Table::Members, prefix, after, &mut |key, _| {
+                    after_keys.push(String::from_utf8_lossy(key).into_owned());
+                    after_keys.len() < stop
+                })
+                .expect("visit after");
+            seen.push(after_keys.join(","));
+        }
         let mut writes = WriteSet::default();
         writes.delete_range(Table::Members, b"a/2".to_vec(), b"a/4".to_vec());
         writes.put(Table::Members, b"a/3".to_vec(), b"again".to_vec());
@@ -395,6 +438,14 @@ mod tests {
             "a/1",
             "4",
             "a/1,a/2,a/3,a/4,ab",
+            "a/3,a/4,ab",
+            "a/3,a/4",
+            "a/1,a/2,a/3,a/4",
+            "a/1,a/2,a/3,a/4",
+            "",
+            "",
+            "ab,b/1",
+            "ab",
             "a/1,a/3,a/4,ab,b/1",
         ];
         assert_eq!(exercise(&memory), expected, "memory store");
