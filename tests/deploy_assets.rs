@@ -555,6 +555,7 @@ fn kustomization_lists_every_manifest_and_none_names_a_namespace() {
     let kinds: BTreeSet<&str> = objects.keys().map(|(k, _)| k.as_str()).collect();
     let expected = [
         "ConfigMap",
+        "PodDisruptionBudget",
         "PrometheusRule",
         "Service",
         "ServiceMonitor",
@@ -590,12 +591,40 @@ fn container_env(container: &Yaml) -> Vec<(String, String)> {
     seq(&container["env"])
         .iter()
         .map(|e| {
-            (
-                text(e, &["name"]).to_string(),
-                text(e, &["value"]).to_string(),
-            )
+            let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                // What the first pod of the StatefulSet sees.
+                Some("metadata.name") => "segmenter-0".to_string(),
+                Some(other) => panic!("env from an unexpected field: {other}"),
+                None => text(e, &["value"]).to_string(),
+            };
+            (text(e, &["name"]).to_string(), value)
         })
         .collect()
+}
+
+/// Scaled out (issue 11): three pods in one group, each with its own static member id, its own
+/// volume, and a disruption budget of one pod.
+#[test]
+fn statefulset_scales_out_with_static_membership_and_a_disruption_budget() {
+    let objects = k8s_objects();
+    let set = &objects[&("StatefulSet".into(), "segmenter".into())];
+    assert_eq!(set["spec"]["replicas"].as_u64(), Some(3));
+    let container = &seq(&set["spec"]["template"]["spec"]["containers"])[0];
+    let env = container_env(container);
+    let config = &objects[&("ConfigMap".into(), "segmenter-config".into())];
+    let settings = settings_from(config, &env);
+    assert_eq!(settings.kafka.instance_id.as_deref(), Some("segmenter-0"));
+    assert_eq!(
+        settings.state.changelog_topic, "segmenter-changelog",
+        "the changelog the pods share"
+    );
+    let pdb = &objects[&("PodDisruptionBudget".into(), "segmenter".into())];
+    assert_eq!(pdb["spec"]["maxUnavailable"].as_u64(), Some(1));
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        set["spec"]["selector"]["matchLabels"],
+        "the budget covers the StatefulSet's pods"
+    );
 }
 
 /// The environment variable naming the HTTP API's tokens file.
@@ -867,6 +896,39 @@ fn kustomize_renders_the_manifests_when_kubectl_is_installed() {
 }
 
 // ---------------------------------------------------------------------------------- compose
+
+/// Compose runs two instances in one group (issue 11): each with its own state volume, static
+/// member id and host port, both scraped by Prometheus.
+#[test]
+fn compose_runs_two_instances_with_their_own_state() {
+    let compose = yaml("docker-compose.yml");
+    let services = &compose["services"];
+    let env = |name: &str, key: &str| text(&services[name], &["environment", key]).to_string();
+    let volume = |name: &str| {
+        seq(&services[name]["volumes"])
+            .iter()
+            .filter_map(|v| v.as_str())
+            .find(|v| v.ends_with(":/var/lib/segmenter"))
+            .map(str::to_string)
+            .expect("a state volume")
+    };
+    assert_ne!(volume("segmenter"), volume("segmenter-2"));
+    assert_ne!(
+        env("segmenter", "SEGMENTER__KAFKA__INSTANCE_ID"),
+        env("segmenter-2", "SEGMENTER__KAFKA__INSTANCE_ID")
+    );
+    assert_eq!(
+        env("segmenter", "SEGMENTER__KAFKA__BROKERS"),
+        env("segmenter-2", "SEGMENTER__KAFKA__BROKERS")
+    );
+    let scrape = yaml("deploy/prometheus/prometheus.yml");
+    let targets: Vec<String> = seq(&seq(&scrape["scrape_configs"])[0]["static_configs"])
+        .iter()
+        .flat_map(|c| seq(&c["targets"]))
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(targets, vec!["segmenter:9898", "segmenter-2:9898"]);
+}
 
 #[test]
 fn compose_wires_kafka_topics_service_generator_prometheus_and_grafana() {

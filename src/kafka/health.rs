@@ -353,6 +353,7 @@ mod tests {
         let settings = KafkaSettings {
             brokers: "b:1".into(),
             group_id: "g".into(),
+            instance_id: None,
             client: Default::default(),
             consumer: Default::default(),
             producer: Default::default(),

@@ -115,6 +115,9 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
         ],
     );
     config.set("group.id", &settings.group_id);
+    if let Some(instance) = &settings.instance_id {
+        config.set("group.instance.id", instance);
+    }
     config
 }
 
@@ -582,6 +585,7 @@ mod tests {
         KafkaSettings {
             brokers: "b:9092".into(),
             group_id: "g".into(),
+            instance_id: Some("pod-1".into()),
             client: map(&[("security.protocol", "SASL_SSL")]),
             consumer: map(consumer),
             producer: map(producer),
@@ -600,6 +604,7 @@ mod tests {
         assert_eq!(config.get("session.timeout.ms"), Some("6000"));
         assert_eq!(config.get("enable.auto.commit"), Some("false"));
         assert_eq!(config.get("group.id"), Some("g"), "kafka.group_id decides");
+        assert_eq!(config.get("group.instance.id"), Some("pod-1"));
 
         let config = producer_config(&settings(&[], &[("linger.ms", "0"), ("acks", "1")]));
         assert_eq!(config.get("linger.ms"), Some("0"));

@@ -71,6 +71,8 @@ pub struct InputSettings {
 pub struct KafkaSettings {
     pub brokers: String,
     pub group_id: String,
+    /// `group.instance.id` of the consumer (static membership), if set.
+    pub instance_id: Option<String>,
     pub client: BTreeMap<String, String>,
     pub consumer: BTreeMap<String, String>,
     pub producer: BTreeMap<String, String>,
@@ -426,6 +428,7 @@ fn build(
     let kafka = KafkaSettings {
         brokers: raw.kafka.brokers.unwrap_or_else(|| "localhost:9092".into()),
         group_id: raw.kafka.group_id.unwrap_or_else(|| "segmenter".into()),
+        instance_id: raw.kafka.instance_id.filter(|id| !id.is_empty()),
         client: raw.kafka.client,
         consumer: raw.kafka.consumer,
         producer: raw.kafka.producer,

@@ -95,6 +95,9 @@ pub struct RawMapping {
 pub struct RawKafka {
     pub brokers: Option<String>,
     pub group_id: Option<String>,
+    /// Static group membership (`group.instance.id`): a stable name per instance, e.g. the pod
+    /// name, so a restart within the session timeout keeps its partitions without a rebalance.
+    pub instance_id: Option<String>,
     /// Passed through to librdkafka unchanged for every client (security.protocol, sasl.*,
     /// ssl.* …).
     #[serde(default)]

@@ -94,6 +94,8 @@ impl Catalogue {
         add(&m.publish_errors, kind(&m.publish_errors));
         add(&m.rebalances, kind(&m.rebalances));
         add(&m.restore_seconds, kind(&m.restore_seconds));
+        add(&m.restore_records, kind(&m.restore_records));
+        add(&m.restore_remaining, kind(&m.restore_remaining));
         add(&m.assigned_partitions, kind(&m.assigned_partitions));
         add(&m.ready, kind(&m.ready));
         add(&m.rocksdb, kind(&m.rocksdb));

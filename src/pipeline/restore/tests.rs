@@ -8,6 +8,9 @@ use crate::model::{Change, Event, EventKind};
 use crate::outbox::ChangelogRecord;
 use crate::store::MemoryStore;
 
+/// A changelog record as the test writes it: key, value, writer.
+type Written = (Vec<u8>, Option<Vec<u8>>, [u8; 8]);
+
 /// A changelog partition held in memory: (offset, key, value, writer), with gaps allowed.
 struct VecSource {
     records: Vec<(i64, Vec<u8>, Option<Vec<u8>>, [u8; 8])>,
@@ -19,7 +22,7 @@ struct VecSource {
 }
 
 impl VecSource {
-    fn new(records: Vec<(Vec<u8>, Option<Vec<u8>>, [u8; 8])>) -> VecSource {
+    fn new(records: Vec<Written>) -> VecSource {
         let high = records.len() as i64;
         VecSource {
             records: records
@@ -113,7 +116,7 @@ fn customer(
     state: &[u8],
     offset: i64,
     writer: [u8; 8],
-) -> (Vec<u8>, Option<Vec<u8>>, [u8; 8]) {
+) -> Written {
     (
         changelog::customer_key(id),
         Some(encode_customer(&[("e".into(), offset)], state)),
@@ -121,7 +124,7 @@ fn customer(
     )
 }
 
-fn checkpoint(clock: i64, offset: i64, writer: [u8; 8]) -> (Vec<u8>, Option<Vec<u8>>, [u8; 8]) {
+fn checkpoint(clock: i64, offset: i64, writer: [u8; 8]) -> Written {
     (
         changelog::checkpoint_key(),
         Some(encode_checkpoint(&Checkpoint {
