@@ -621,8 +621,7 @@ fn statefulset_scales_out_with_static_membership_and_a_disruption_budget() {
     let pdb = &objects[&("PodDisruptionBudget".into(), "segmenter".into())];
     assert_eq!(pdb["spec"]["maxUnavailable"].as_u64(), Some(1));
     assert_eq!(
-        pdb["spec"]["selector"]["matchLabels"],
-        set["spec"]["selector"]["matchLabels"],
+        pdb["spec"]["selector"]["matchLabels"], set["spec"]["selector"]["matchLabels"],
         "the budget covers the StatefulSet's pods"
     );
 }

@@ -11,9 +11,12 @@ use crate::store::MemoryStore;
 /// A changelog record as the test writes it: key, value, writer.
 type Written = (Vec<u8>, Option<Vec<u8>>, [u8; 8]);
 
-/// A changelog partition held in memory: (offset, key, value, writer), with gaps allowed.
+/// A record of the source: its offset and what was written.
+type Stored = (i64, Vec<u8>, Option<Vec<u8>>, [u8; 8]);
+
+/// A changelog partition held in memory, with gaps allowed.
 struct VecSource {
-    records: Vec<(i64, Vec<u8>, Option<Vec<u8>>, [u8; 8])>,
+    records: Vec<Stored>,
     low: i64,
     high: i64,
     /// Stop after this many records of a `read` (a rebalance in the middle).
@@ -111,12 +114,7 @@ fn states_of(program: &Arc<Program>, events: &[Event]) -> Vec<(String, Vec<u8>)>
         .collect()
 }
 
-fn customer(
-    id: &str,
-    state: &[u8],
-    offset: i64,
-    writer: [u8; 8],
-) -> Written {
+fn customer(id: &str, state: &[u8], offset: i64, writer: [u8; 8]) -> Written {
     (
         changelog::customer_key(id),
         Some(encode_customer(&[("e".into(), offset)], state)),
