@@ -274,7 +274,8 @@ impl OutboxRecord {
     /// A payload over [`DEAD_LETTER_MAX_PAYLOAD`] (or a key over [`DEAD_LETTER_MAX_KEY`]) is
     /// cut to that size and the record says so: `truncated` names what was cut
     /// (`payload`, `key` or `key,payload`) and `original_payload_bytes` /
-    /// `original_key_bytes` give the full sizes.
+    /// `original_key_bytes` give the full sizes. A payload the consumer already cut
+    /// (`source.payload_bytes` more than it holds) counts as cut too.
     pub fn dead_letter(
         topics: &Topics,
         source: &SourceRef<'_>,
@@ -291,7 +292,10 @@ impl OutboxRecord {
         let (payload, payload_cut) = match source.payload {
             Some(payload) => {
                 let (head, cut) = bounded(payload, DEAD_LETTER_MAX_PAYLOAD);
-                (Some(head.to_vec()), cut)
+                (
+                    Some(head.to_vec()),
+                    cut || source.payload_bytes > payload.len(),
+                )
             }
             None => (None, false),
         };
@@ -323,7 +327,10 @@ impl OutboxRecord {
             headers.push(("truncated".into(), what.as_bytes().to_vec()));
         }
         if payload_cut {
-            let size = source.payload.map_or(0, <[u8]>::len);
+            let size = source
+                .payload
+                .map_or(0, <[u8]>::len)
+                .max(source.payload_bytes);
             headers.push((
                 "original_payload_bytes".into(),
                 size.to_string().into_bytes(),
@@ -388,7 +395,10 @@ pub struct SourceRef<'a> {
     pub partition: i32,
     pub offset: i64,
     pub key: Option<&'a [u8]>,
+    /// The payload, or only its head if the consumer cut an oversized one.
     pub payload: Option<&'a [u8]>,
+    /// The payload's size in Kafka (more than `payload` holds when it was cut).
+    pub payload_bytes: usize,
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
@@ -455,6 +465,7 @@ mod tests {
             offset: 42,
             key: None,
             payload: Some(b"not json"),
+            payload_bytes: 8,
         };
         OutboxRecord::dead_letter(&topics(), &source, "not_json", "expected value")
     }
@@ -476,6 +487,7 @@ mod tests {
             offset: 7,
             key: Some(b"c-1"),
             payload: Some(&payload),
+            payload_bytes: payload.len(),
         };
         let record = OutboxRecord::dead_letter(&topics(), &source, "too_large", "too large");
         assert_eq!(record.payload.as_deref(), Some(&payload[..]));
@@ -497,6 +509,7 @@ mod tests {
             offset: 7,
             key: Some(&key),
             payload: Some(&payload),
+            payload_bytes: payload.len(),
         };
         let record = OutboxRecord::dead_letter(&topics(), &source, "too_large", &detail);
         assert_eq!(
@@ -527,6 +540,28 @@ mod tests {
         assert!(
             size < 1_000_000,
             "fits librdkafka's default message.max.bytes"
+        );
+    }
+
+    /// The consumer keeps only the head of an oversized payload: the dead letter forwards that
+    /// head and says it is cut, with the size the message had in Kafka.
+    #[test]
+    fn a_payload_cut_by_the_consumer_is_dead_lettered_as_cut() {
+        let head = vec![b'x'; DEAD_LETTER_MAX_PAYLOAD];
+        let source = SourceRef {
+            topic: "clicks",
+            partition: 1,
+            offset: 7,
+            key: None,
+            payload: Some(&head),
+            payload_bytes: 10 << 20,
+        };
+        let record = OutboxRecord::dead_letter(&topics(), &source, "too_large", "too large");
+        assert_eq!(record.payload.as_deref(), Some(&head[..]));
+        assert_eq!(header(&record, "truncated"), Some(&b"payload"[..]));
+        assert_eq!(
+            header(&record, "original_payload_bytes"),
+            Some(format!("{}", 10 << 20).as_bytes())
         );
     }
 
