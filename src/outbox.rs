@@ -162,7 +162,14 @@ impl OutboxEntry {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(96);
+        // A dead letter is sized up front: it can carry 900 KiB, and growing a buffer to that by
+        // doubling copied it about twice more and faulted in fresh pages at every step (half of
+        // what poison cost the service; BENCHMARKS.md, "Poison at rate").
+        let capacity = match self {
+            OutboxEntry::Record(record) => 1 + record.encoded_len(),
+            OutboxEntry::Change(_) => 96,
+        };
+        let mut out = Vec::with_capacity(capacity);
         self.encode_into(&mut out);
         out
     }
@@ -357,6 +364,21 @@ impl OutboxRecord {
         }
     }
 
+    /// The length of what [`OutboxRecord::encode_into`] appends.
+    fn encoded_len(&self) -> usize {
+        let field = |bytes: Option<&[u8]>| 4 + bytes.map_or(0, <[u8]>::len);
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| field(Some(name.as_bytes())) + field(Some(value)))
+            .sum();
+        field(Some(self.topic.as_bytes()))
+            + field(self.key.as_deref())
+            + field(self.payload.as_deref())
+            + 4
+            + headers
+    }
+
     fn encode_into(&self, out: &mut Vec<u8>) {
         put_bytes(out, Some(self.topic.as_bytes()));
         put_bytes(out, self.key.as_deref());
@@ -541,6 +563,27 @@ mod tests {
             size < 1_000_000,
             "fits librdkafka's default message.max.bytes"
         );
+    }
+
+    /// A dead letter's stored form is allocated once, at its exact size.
+    #[test]
+    fn a_dead_letter_is_encoded_into_one_exact_allocation() {
+        let payload = vec![b'x'; DEAD_LETTER_MAX_PAYLOAD];
+        let source = SourceRef {
+            topic: "clicks",
+            partition: 1,
+            offset: 7,
+            key: Some(b"c-1"),
+            payload: Some(&payload),
+            payload_bytes: 10 << 20,
+        };
+        for record in [
+            OutboxRecord::dead_letter(&topics(), &source, "too_large", "too large"),
+            dead_letter(),
+        ] {
+            let encoded = OutboxEntry::Record(record).encode();
+            assert_eq!(encoded.capacity(), encoded.len());
+        }
     }
 
     /// The consumer keeps only the head of an oversized payload: the dead letter forwards that
