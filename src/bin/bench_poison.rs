@@ -262,13 +262,16 @@ fn send(
     }
 }
 
-/// Preloads one run's input; returns the poison messages' (kind, partition, offset, size).
+/// A preloaded poison message: its kind, partition, offset and size.
+type Placed = (Poison, i32, i64, usize);
+
+/// Preloads one run's input; returns the poison messages and the payload bytes of the others.
 fn preload(
     brokers: &str,
     topic: &str,
     args: &Args,
     poisoned: bool,
-) -> anyhow::Result<Vec<(Poison, i32, i64, usize)>> {
+) -> anyhow::Result<(Vec<Placed>, usize)> {
     let producer = producer(brokers)?;
     let total = args.events as usize;
     let poison_count = if poisoned {
@@ -281,6 +284,7 @@ fn preload(
     let now = wall_clock_ms();
     let span_ms = (args.events as f64 / 50.0 * 1000.0) as i64;
     let mut kinds = Vec::with_capacity(poison_count);
+    let mut normal_bytes = 0;
     let generator = Generator::new(GeneratorConfig {
         customers: args.customers,
         events: args.events,
@@ -304,6 +308,7 @@ fn preload(
             kinds.push((kind, payload.len()));
         } else {
             send(&producer, topic, &key_of(&line), line.as_bytes(), None);
+            normal_bytes += line.len();
         }
     }
     producer.flush(Duration::from_secs(120))?;
@@ -328,7 +333,7 @@ fn preload(
             .with_context(|| format!("no delivery report for poison {index}"))?;
         out.push((kind, partition, offset, size));
     }
-    Ok(out)
+    Ok((out, normal_bytes))
 }
 
 fn create_topics(
@@ -597,7 +602,7 @@ fn one_run(
         .collect();
     create_topics(runtime, admin, &topics)?;
     let input = &topics[0];
-    let poison = preload(brokers, input, args, poisoned)?;
+    let (poison, normal_bytes) = preload(brokers, input, args, poisoned)?;
     let (bare_rate, bare_broker_cpu) = bare_read(brokers, broker_pid, input, args.events)?;
     let load_before = load_average();
     let port = free_port()?;
@@ -661,9 +666,10 @@ fn one_run(
             .collect();
         let poison_bytes: usize = poison.iter().map(|(_, _, _, size)| size).sum();
         println!(
-            "  {name}: all {} poison messages ({:.1} MB) dead-lettered with a reason; every partition committed to its end; {}",
+            "  {name}: all {} poison messages ({:.1} MB, against {:.1} MB in the other messages) dead-lettered with a reason; every partition committed to its end; {}",
             poison.len(),
             poison_bytes as f64 / 1e6,
+            normal_bytes as f64 / 1e6,
             summary.join("; ")
         );
     }
