@@ -11,10 +11,10 @@ use anyhow::Context;
 use rdkafka::consumer::CommitMode;
 
 use crate::api::ServiceApi;
-use crate::kafka::consumer::{commit, group_consumer, poll_loop, InputSink};
+use crate::kafka::consumer::{commit, group_consumer, poll_loop, InputSink, PayloadLimit};
 use crate::kafka::{self, AckBoard, KafkaSetupError, TopicSpec};
 use crate::metrics::Metrics;
-use crate::outbox::Topics;
+use crate::outbox::{Topics, DEAD_LETTER_MAX_PAYLOAD};
 use crate::pipeline::{Dispatcher, Shared};
 use crate::settings::{HttpAccess, Settings};
 use crate::store::rocks::{RocksOptions, RocksStore};
@@ -61,7 +61,13 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     )?);
     let dispatcher = Arc::new(Dispatcher::new(shared.clone()));
     let sink: Arc<dyn InputSink> = dispatcher.clone();
-    let consumer = group_consumer(&settings.kafka, sink, metrics, publisher.health())?;
+    // Nothing over input.max_event_bytes is decoded: only what its dead letter forwards of it
+    // is copied out of librdkafka.
+    let limit = PayloadLimit {
+        max_bytes: settings.input.max_event_bytes,
+        kept_bytes: DEAD_LETTER_MAX_PAYLOAD,
+    };
+    let consumer = group_consumer(&settings.kafka, sink, metrics, publisher.health(), limit)?;
 
     // Up before Kafka is: liveness and (un)readiness answer while the service waits for it.
     let api = Arc::new(

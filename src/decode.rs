@@ -373,9 +373,16 @@ impl Decoder {
 
     /// Decodes one message; the size limit is checked before any parsing.
     pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
-        if bytes.len() > self.max_bytes {
+        self.decode_sized(bytes, bytes.len())
+    }
+
+    /// Decodes one message of `size` bytes of which `bytes` may be only the head (the consumer
+    /// copies no more of an oversized payload than its dead letter keeps): the limit is
+    /// checked on `size`, and a cut message is never parsed.
+    pub fn decode_sized(&self, bytes: &[u8], size: usize) -> Result<Event, DecodeError> {
+        if size > self.max_bytes || bytes.len() < size {
             return Err(DecodeError::TooLarge {
-                size: bytes.len(),
+                size,
                 limit: self.max_bytes,
             });
         }
@@ -895,6 +902,21 @@ mod tests {
             decoder().decode(&big).map_err(|e| e.reason()),
             Err("too_large")
         );
+    }
+
+    /// The consumer hands over only the head of an oversized payload: it is refused by the size
+    /// it had in Kafka, and a cut message is never parsed, even where the head would fit.
+    #[test]
+    fn a_cut_message_is_refused_by_its_whole_size() {
+        let event = br#"{"type":"track","event":"x","userId":"u","timestamp":1}"#;
+        let refused = decoder().decode_sized(event, 10 << 20);
+        assert!(
+            matches!(refused, Err(DecodeError::TooLarge { size, limit: 65_536 }) if size == 10 << 20),
+            "{refused:?}"
+        );
+        let cut = decoder().decode_sized(event, event.len() + 1);
+        assert_eq!(cut.map_err(|e| e.reason()), Err("too_large"));
+        assert!(decoder().decode_sized(event, event.len()).is_ok());
     }
 
     #[test]

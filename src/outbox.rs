@@ -219,7 +219,14 @@ impl OutboxEntry {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(96);
+        // A dead letter is sized up front: it can carry 900 KiB, and growing a buffer to that by
+        // doubling copied it about twice more and faulted in fresh pages at every step (half of
+        // what poison cost the service; BENCHMARKS.md, "Poison at rate").
+        let capacity = match self {
+            OutboxEntry::Record(record) => 1 + record.encoded_len(),
+            OutboxEntry::Change(_) => 96,
+        };
+        let mut out = Vec::with_capacity(capacity);
         self.encode_into(&mut out);
         out
     }
@@ -342,7 +349,8 @@ impl OutboxRecord {
     /// A payload over [`DEAD_LETTER_MAX_PAYLOAD`] (or a key over [`DEAD_LETTER_MAX_KEY`]) is
     /// cut to that size and the record says so: `truncated` names what was cut
     /// (`payload`, `key` or `key,payload`) and `original_payload_bytes` /
-    /// `original_key_bytes` give the full sizes.
+    /// `original_key_bytes` give the full sizes. A payload the consumer already cut
+    /// (`source.payload_bytes` more than it holds) counts as cut too.
     pub fn dead_letter(
         topics: &Topics,
         source: &SourceRef<'_>,
@@ -359,7 +367,10 @@ impl OutboxRecord {
         let (payload, payload_cut) = match source.payload {
             Some(payload) => {
                 let (head, cut) = bounded(payload, DEAD_LETTER_MAX_PAYLOAD);
-                (Some(head.to_vec()), cut)
+                (
+                    Some(head.to_vec()),
+                    cut || source.payload_bytes > payload.len(),
+                )
             }
             None => (None, false),
         };
@@ -391,7 +402,10 @@ impl OutboxRecord {
             headers.push(("truncated".into(), what.as_bytes().to_vec()));
         }
         if payload_cut {
-            let size = source.payload.map_or(0, <[u8]>::len);
+            let size = source
+                .payload
+                .map_or(0, <[u8]>::len)
+                .max(source.payload_bytes);
             headers.push((
                 "original_payload_bytes".into(),
                 size.to_string().into_bytes(),
@@ -417,6 +431,21 @@ impl OutboxRecord {
             payload: self.payload.as_deref(),
             headers: &self.headers,
         }
+    }
+
+    /// The length of what [`OutboxRecord::encode_into`] appends.
+    fn encoded_len(&self) -> usize {
+        let field = |bytes: Option<&[u8]>| 4 + bytes.map_or(0, <[u8]>::len);
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| field(Some(name.as_bytes())) + field(Some(value)))
+            .sum();
+        field(Some(self.topic.as_bytes()))
+            + field(self.key.as_deref())
+            + field(self.payload.as_deref())
+            + 4
+            + headers
     }
 
     fn encode_into(&self, out: &mut Vec<u8>) {
@@ -457,7 +486,10 @@ pub struct SourceRef<'a> {
     pub partition: i32,
     pub offset: i64,
     pub key: Option<&'a [u8]>,
+    /// The payload, or only its head if the consumer cut an oversized one.
     pub payload: Option<&'a [u8]>,
+    /// The payload's size in Kafka (more than `payload` holds when it was cut).
+    pub payload_bytes: usize,
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
@@ -525,6 +557,7 @@ mod tests {
             offset: 42,
             key: None,
             payload: Some(b"not json"),
+            payload_bytes: 8,
         };
         OutboxRecord::dead_letter(&topics(), &source, "not_json", "expected value")
     }
@@ -546,6 +579,7 @@ mod tests {
             offset: 7,
             key: Some(b"c-1"),
             payload: Some(&payload),
+            payload_bytes: payload.len(),
         };
         let record = OutboxRecord::dead_letter(&topics(), &source, "too_large", "too large");
         assert_eq!(record.payload.as_deref(), Some(&payload[..]));
@@ -567,6 +601,7 @@ mod tests {
             offset: 7,
             key: Some(&key),
             payload: Some(&payload),
+            payload_bytes: payload.len(),
         };
         let record = OutboxRecord::dead_letter(&topics(), &source, "too_large", &detail);
         assert_eq!(
@@ -597,6 +632,49 @@ mod tests {
         assert!(
             size < 1_000_000,
             "fits librdkafka's default message.max.bytes"
+        );
+    }
+
+    /// A dead letter's stored form is allocated once, at its exact size.
+    #[test]
+    fn a_dead_letter_is_encoded_into_one_exact_allocation() {
+        let payload = vec![b'x'; DEAD_LETTER_MAX_PAYLOAD];
+        let source = SourceRef {
+            topic: "clicks",
+            partition: 1,
+            offset: 7,
+            key: Some(b"c-1"),
+            payload: Some(&payload),
+            payload_bytes: 10 << 20,
+        };
+        for record in [
+            OutboxRecord::dead_letter(&topics(), &source, "too_large", "too large"),
+            dead_letter(),
+        ] {
+            let encoded = OutboxEntry::Record(record).encode();
+            assert_eq!(encoded.capacity(), encoded.len());
+        }
+    }
+
+    /// The consumer keeps only the head of an oversized payload: the dead letter forwards that
+    /// head and says it is cut, with the size the message had in Kafka.
+    #[test]
+    fn a_payload_cut_by_the_consumer_is_dead_lettered_as_cut() {
+        let head = vec![b'x'; DEAD_LETTER_MAX_PAYLOAD];
+        let source = SourceRef {
+            topic: "clicks",
+            partition: 1,
+            offset: 7,
+            key: None,
+            payload: Some(&head),
+            payload_bytes: 10 << 20,
+        };
+        let record = OutboxRecord::dead_letter(&topics(), &source, "too_large", "too large");
+        assert_eq!(record.payload.as_deref(), Some(&head[..]));
+        assert_eq!(header(&record, "truncated"), Some(&b"payload"[..]));
+        assert_eq!(
+            header(&record, "original_payload_bytes"),
+            Some(format!("{}", 10 << 20).as_bytes())
         );
     }
 

@@ -913,3 +913,98 @@ rule = 'last("Product Viewed") > last("Order Completed")'
     let (got, _) = distinct_by_id(&reader.records);
     service::assert_same_changes(&got, &expected, "two topics with a backlog");
 }
+
+/// A message over `input.max_event_bytes` is refused by its size as it leaves librdkafka: the
+/// consumer copies only what its dead letter forwards (the first 900 KiB of a 3 MB message),
+/// yet the dead letter says `too_large` with the size the message had in Kafka, is marked cut,
+/// and the partition goes on to the next message and commits its end.
+#[test]
+fn an_oversized_message_is_refused_before_it_is_copied_and_still_dead_lettered() {
+    let fx = Fixture::new(&[("events", 1)]);
+    let brokers = fx.broker.bootstrap();
+    let config = fx.config(&["events"], E2E_SEGMENTS);
+    let config_path = config.write(&fx.dir.path().join("segmenter.toml"));
+    let event = |id: &str, blob: usize| {
+        format!(
+            r#"{{"type":"track","event":"Product Viewed","userId":"c-1","messageId":"{id}","timestamp":"2026-11-01T00:00:00Z","properties":{{"blob":"{}"}}}}"#,
+            "x".repeat(blob)
+        )
+        .into_bytes()
+    };
+    let huge = event("huge", 3 << 20);
+    let over = event("over", config.max_event_bytes + 1);
+    let inputs = [
+        event("m-1", 10),
+        huge.clone(),
+        over.clone(),
+        event("m-2", 10),
+    ];
+    // The 3 MB input must reach the topic at all.
+    let mut producer = InputProducer::with_config(&brokers, &[("message.max.bytes", "16777216")]);
+    for (offset, payload) in inputs.iter().enumerate() {
+        producer.send("events", 0, Some(b"c-1"), payload, T0 + offset as i64);
+    }
+    producer.flush();
+
+    let mut service = Service::start(&config_path, &fx.log());
+    let address = service.http_address();
+    // Assigned only once the service has created its output topics.
+    service.wait_assigned();
+    let mut dlq = TopicReader::new(&brokers, "segmenter-dlq");
+    wait_until(
+        "two dead letters",
+        Duration::from_secs(60),
+        || {
+            dlq.poll_for(Duration::from_millis(200));
+            (dlq.records.len() >= 2).then_some(())
+        },
+        || service.log_tail(),
+    );
+    service::wait_committed(&brokers, "segmenter-test", &["events"], &mut service);
+    dlq.poll_for(Duration::from_millis(500));
+    assert_eq!(dlq.records.len(), 2, "exactly the two oversized inputs");
+    let letter = |offset: &str| {
+        dlq.records
+            .iter()
+            .find(|r| r.header("source_offset").as_deref() == Some(offset))
+            .unwrap_or_else(|| panic!("no dead letter for offset {offset}"))
+    };
+
+    let cut = letter("1");
+    assert_eq!(cut.header("reason").as_deref(), Some("too_large"));
+    assert_eq!(cut.header("truncated").as_deref(), Some("payload"));
+    assert_eq!(
+        cut.header("original_payload_bytes"),
+        Some(huge.len().to_string())
+    );
+    let head = &huge[..segmenter::outbox::DEAD_LETTER_MAX_PAYLOAD];
+    assert_eq!(cut.payload.as_deref(), Some(head), "the first 900 KiB");
+    assert!(
+        cut.header("error")
+            .is_some_and(|e| e.contains(&huge.len().to_string())),
+        "the error names the size in Kafka, not the copy: {:?}",
+        cut.header("error")
+    );
+    assert_eq!(cut.key.as_deref(), Some(&b"c-1"[..]));
+
+    let whole = letter("2");
+    assert_eq!(whole.header("reason").as_deref(), Some("too_large"));
+    assert_eq!(whole.header("truncated"), None);
+    assert_eq!(whole.payload.as_deref(), Some(&over[..]), "forwarded whole");
+
+    let (status, text) = service::http(&address, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let consumed = |outcome: &str| {
+        service::metric(
+            &text,
+            "segmenter_events_consumed_total",
+            &[("topic", "events"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(
+        consumed("ok"),
+        Some(2.0),
+        "the messages around them applied"
+    );
+    assert_eq!(consumed("dead_lettered"), Some(2.0));
+}

@@ -23,7 +23,7 @@ mod bench;
 #[path = "../../tests/support/tansu.rs"]
 mod tansu;
 
-use bench::{free_port, key_of, metric_sum, scrape, scrape_path, start_service, stop};
+use bench::{cpu_seconds, free_port, key_of, metric_sum, scrape, scrape_path, start_service, stop};
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -419,18 +419,6 @@ fn wait_for_service(port: u16, total: u64, limit: Duration) -> anyhow::Result<Se
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// User + system CPU seconds and minor page faults of a process so far, from `/proc` (Linux).
-fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    let faults: f64 = fields.get(7)?.parse().ok()?;
-    // /proc reports in USER_HZ, 100 per second on Linux (x86-64 and arm64 alike).
-    Some((ticks / 100.0, faults))
 }
 
 /// A process's peak resident set (`VmHWM`), from `/proc` (Linux).

@@ -8,13 +8,22 @@
 //! - no partition stalled: the group's committed offset of every input partition reaches its end;
 //!
 //! and it compares throughput (input messages per second, from the first consumed batch to the
-//! last record acknowledged, by the service's own counters) with the clean runs. Runs are
-//! interleaved (clean, poison, poison, clean, …) on fresh topics, group and state each time,
-//! and the load average is printed per run: the machine is shared.
+//! last record acknowledged, by the service's own counters) with the clean runs, and the CPU
+//! seconds the service (and the broker, when the bench started it) spent per 1,000 input
+//! messages over the same window — a comparison that holds up on a shared machine where wall
+//! time does not. Before the service starts, a bare consumer (no decoding, state or output)
+//! reads the same input with the service's prefetch settings: what the broker and the fetch
+//! path alone cost, clean and poisoned. Runs are interleaved (clean, poison, poison, clean, …)
+//! on fresh topics, group and state each time, and the load average is printed per run: the
+//! machine is shared.
+//!
+//! `--without-huge` is a variant for splitting the cost, not the benchmark: the 23 large poison
+//! messages (10 MB and 1 MB) are replaced by cheap kinds, so the runs still carry 1 % poison
+//! but ~33 MB of it (the 200 KB deep-nesting messages) instead of ~83 MB.
 //!
 //! ```text
 //! cargo run --release --bin bench_poison -- [--events N] [--customers N] [--rounds R]
-//!     [--poison-fraction F] [--brokers HOST:PORT]
+//!     [--poison-fraction F] [--brokers HOST:PORT] [--without-huge]
 //! ```
 
 #[path = "support/bench.rs"]
@@ -22,7 +31,7 @@ mod bench;
 #[path = "../../tests/support/tansu.rs"]
 mod tansu;
 
-use bench::{free_port, key_of, metric_sum, scrape, start_service, stop};
+use bench::{cpu_seconds, free_port, key_of, metric_sum, scrape, start_service, stop};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -50,6 +59,8 @@ struct Args {
     rounds: usize,
     poison_fraction: f64,
     brokers: Option<String>,
+    /// `--without-huge`: no 10 MB or 1 MB poison (a variant to split the cost, see the top).
+    without_huge: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -59,9 +70,14 @@ fn parse_args() -> anyhow::Result<Args> {
         rounds: 3,
         poison_fraction: 0.01,
         brokers: None,
+        without_huge: false,
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
+        if flag == "--without-huge" {
+            args.without_huge = true;
+            continue;
+        }
         let value = iter
             .next()
             .with_context(|| format!("{flag} needs a value"))?;
@@ -163,11 +179,14 @@ impl Poison {
 }
 
 /// Which poison message `i` of `count` is: three 10 MB messages and twenty 1 MB strings per run
-/// (at 1 % of 200,000 that is 0.15 % and 1 % of the poison, ~50 MB), the rest cycling through
-/// the cheap kinds.
-fn poison_kind(i: usize, count: usize) -> Poison {
-    let huge = 3.min(count / 8);
-    let megabyte = 20.min(count / 8);
+/// (at 1 % of 100,000 that is 0.3 % and 2 % of the poison, ~50 MB), the rest cycling through
+/// the cheap kinds — only those with `without_huge`.
+fn poison_kind(i: usize, count: usize, without_huge: bool) -> Poison {
+    let (huge, megabyte) = if without_huge {
+        (0, 0)
+    } else {
+        (3.min(count / 8), 20.min(count / 8))
+    };
     if i < huge {
         Poison::TenMegabytes
     } else if i < huge + megabyte {
@@ -243,13 +262,16 @@ fn send(
     }
 }
 
-/// Preloads one run's input; returns the poison messages' (kind, partition, offset, size).
+/// A preloaded poison message: its kind, partition, offset and size.
+type Placed = (Poison, i32, i64, usize);
+
+/// Preloads one run's input; returns the poison messages and the payload bytes of the others.
 fn preload(
     brokers: &str,
     topic: &str,
     args: &Args,
     poisoned: bool,
-) -> anyhow::Result<Vec<(Poison, i32, i64, usize)>> {
+) -> anyhow::Result<(Vec<Placed>, usize)> {
     let producer = producer(brokers)?;
     let total = args.events as usize;
     let poison_count = if poisoned {
@@ -262,6 +284,7 @@ fn preload(
     let now = wall_clock_ms();
     let span_ms = (args.events as f64 / 50.0 * 1000.0) as i64;
     let mut kinds = Vec::with_capacity(poison_count);
+    let mut normal_bytes = 0;
     let generator = Generator::new(GeneratorConfig {
         customers: args.customers,
         events: args.events,
@@ -273,7 +296,7 @@ fn preload(
         let poison = every != usize::MAX && i % every == every / 2 && kinds.len() < poison_count;
         if poison {
             let index = kinds.len();
-            let kind = poison_kind(index, poison_count);
+            let kind = poison_kind(index, poison_count, args.without_huge);
             let payload = kind.payload(index, now);
             send(
                 &producer,
@@ -285,6 +308,7 @@ fn preload(
             kinds.push((kind, payload.len()));
         } else {
             send(&producer, topic, &key_of(&line), line.as_bytes(), None);
+            normal_bytes += line.len();
         }
     }
     producer.flush(Duration::from_secs(120))?;
@@ -309,7 +333,7 @@ fn preload(
             .with_context(|| format!("no delivery report for poison {index}"))?;
         out.push((kind, partition, offset, size));
     }
-    Ok(out)
+    Ok((out, normal_bytes))
 }
 
 fn create_topics(
@@ -329,11 +353,43 @@ fn create_topics(
     Ok(())
 }
 
+/// What one run's measured window (first consumption to everything published) took.
+struct Measured {
+    /// Input messages per second.
+    rate: f64,
+    /// CPU seconds (user + system) of the service over the window.
+    service_cpu: Option<f64>,
+    /// CPU seconds of the broker over the window (when the bench started it).
+    broker_cpu: Option<f64>,
+}
+
+/// CPU seconds of both processes at one moment.
+#[derive(Clone, Copy)]
+struct CpuSample {
+    service: Option<f64>,
+    broker: Option<f64>,
+}
+
+impl CpuSample {
+    fn take(service: u32, broker: Option<u32>) -> CpuSample {
+        CpuSample {
+            service: cpu_seconds(service).map(|(seconds, _)| seconds),
+            broker: broker.and_then(cpu_seconds).map(|(seconds, _)| seconds),
+        }
+    }
+}
+
 /// Scrapes every 50 ms until `total` messages are consumed and the outbox is empty; messages per
-/// second from the first scrape that saw consumption.
-fn wait_for_service(port: u16, child: &mut Child, total: u64) -> anyhow::Result<f64> {
+/// second and CPU seconds of the service and the broker (`broker`'s pid, if known) from the
+/// first scrape that saw consumption.
+fn wait_for_service(
+    port: u16,
+    child: &mut Child,
+    broker: Option<u32>,
+    total: u64,
+) -> anyhow::Result<Measured> {
     let deadline = Instant::now() + Duration::from_secs(900);
-    let mut first: Option<(Instant, f64)> = None;
+    let mut first: Option<(Instant, f64, CpuSample)> = None;
     let mut last = 0.0;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -348,15 +404,71 @@ fn wait_for_service(port: u16, child: &mut Child, total: u64) -> anyhow::Result<
             let now = Instant::now();
             last = consumed;
             if first.is_none() && consumed > 0.0 {
-                first = Some((now, consumed));
+                first = Some((now, consumed, CpuSample::take(child.id(), broker)));
             }
             if consumed >= total as f64 && pending == 0.0 {
-                let (t0, c0) = first.unwrap_or((now, consumed));
-                return Ok((consumed - c0) / (now - t0).as_secs_f64().max(1e-3));
+                let end = CpuSample::take(child.id(), broker);
+                let (t0, c0, start) = first.unwrap_or((now, consumed, end));
+                let spent = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+                return Ok(Measured {
+                    rate: (consumed - c0) / (now - t0).as_secs_f64().max(1e-3),
+                    service_cpu: spent(start.service, end.service),
+                    broker_cpu: spent(start.broker, end.broker),
+                });
             }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The broker-side floor of a run: a bare consumer (no decoding, no state, no output, payloads
+/// only touched) reads the whole preloaded input with the service's prefetch settings. Returns
+/// messages per second from its first message to its last, and the broker's CPU seconds over
+/// the same window.
+fn bare_read(
+    brokers: &str,
+    broker_pid: Option<u32>,
+    topic: &str,
+    total: u64,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}-bare"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "20")
+        .set("queued.max.messages.kbytes", "8192")
+        .set("fetch.queue.backoff.ms", "10")
+        .create()?;
+    let mut list = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        list.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&list)?;
+    let broker_cpu = || broker_pid.and_then(cpu_seconds).map(|(seconds, _)| seconds);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut first: Option<(Instant, Option<f64>)> = None;
+    let mut read = 0u64;
+    let mut touched = 0u64;
+    while read < total {
+        if Instant::now() > deadline {
+            bail!("bare read of {topic}: {read} of {total} messages in 300 s");
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        if first.is_none() {
+            first = Some((Instant::now(), broker_cpu()));
+        }
+        let payload = message.payload().unwrap_or_default();
+        touched += payload.get(payload.len() / 2).map_or(0, |&b| u64::from(b));
+        read += 1;
+    }
+    let (t0, cpu0) = first.context("nothing read")?;
+    std::hint::black_box(touched);
+    let seconds = t0.elapsed().as_secs_f64().max(1e-3);
+    let cpu = cpu0.zip(broker_cpu()).map(|(a, b)| b - a);
+    Ok(((read - 1) as f64 / seconds, cpu))
 }
 
 /// Waits until the group's committed offset of every input partition is its end offset.
@@ -463,12 +575,20 @@ fn load_average() -> String {
 struct Run {
     poisoned: bool,
     rate: f64,
+    /// CPU milliseconds per 1,000 input messages, of the service and of the broker.
+    service_ms_per_k: Option<f64>,
+    broker_ms_per_k: Option<f64>,
+    /// The bare consumer's msg/s over the same input, and the broker's CPU per 1,000 for it.
+    bare_rate: f64,
+    bare_broker_ms_per_k: Option<f64>,
     load_before: String,
     load_after: String,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn one_run(
     brokers: &str,
+    broker_pid: Option<u32>,
     runtime: &tokio::runtime::Runtime,
     admin: &AdminClient<DefaultClientContext>,
     work: &Path,
@@ -482,17 +602,18 @@ fn one_run(
         .collect();
     create_topics(runtime, admin, &topics)?;
     let input = &topics[0];
-    let poison = preload(brokers, input, args, poisoned)?;
+    let (poison, normal_bytes) = preload(brokers, input, args, poisoned)?;
+    let (bare_rate, bare_broker_cpu) = bare_read(brokers, broker_pid, input, args.events)?;
     let load_before = load_average();
     let port = free_port()?;
     let mut child = start_service(brokers, work, name, &format!("{name}-in"), name, port)?;
-    let measured = wait_for_service(port, &mut child, args.events);
+    let measured = wait_for_service(port, &mut child, broker_pid, args.events);
     let committed = measured
         .as_ref()
         .ok()
         .map(|_| wait_committed(brokers, name, input));
     stop(child);
-    let rate = measured?;
+    let measured = measured?;
     if let Some(committed) = committed {
         committed?;
     }
@@ -543,18 +664,30 @@ fn one_run(
             .iter()
             .map(|(kind, reasons)| format!("{}: {reasons:?}", kind.name()))
             .collect();
+        let poison_bytes: usize = poison.iter().map(|(_, _, _, size)| size).sum();
         println!(
-            "  {name}: all {} poison messages dead-lettered with a reason; every partition committed to its end; {}",
+            "  {name}: all {} poison messages ({:.1} MB, against {:.1} MB in the other messages) dead-lettered with a reason; every partition committed to its end; {}",
             poison.len(),
+            poison_bytes as f64 / 1e6,
+            normal_bytes as f64 / 1e6,
             summary.join("; ")
         );
     }
+    let per_k = |cpu: Option<f64>| cpu.map(|seconds| seconds * 1e6 / args.events as f64);
     Ok(Run {
         poisoned,
-        rate,
+        rate: measured.rate,
+        service_ms_per_k: per_k(measured.service_cpu),
+        broker_ms_per_k: per_k(measured.broker_cpu),
+        bare_rate,
+        bare_broker_ms_per_k: per_k(bare_broker_cpu),
         load_before,
         load_after,
     })
+}
+
+fn milliseconds(value: Option<f64>) -> String {
+    value.map_or("n/a".into(), |ms| format!("{ms:.1} ms"))
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -581,16 +714,22 @@ fn main() -> anyhow::Result<()> {
         .clone()
         .or_else(|| broker.as_ref().map(|b| b.bootstrap()))
         .context("no broker")?;
+    let broker_pid = broker.as_ref().and_then(|b| b.pid());
     let work = tempfile::tempdir()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()?;
     println!(
-        "poison benchmark: {} messages per run over {PARTITIONS} partitions, {} customers, {:.1} % poison in poisoned runs, {} rounds",
+        "poison benchmark: {} messages per run over {PARTITIONS} partitions, {} customers, {:.1} % poison in poisoned runs{}, {} rounds",
         args.events,
         args.customers,
         args.poison_fraction * 100.0,
+        if args.without_huge {
+            " (VARIANT --without-huge: no 10 MB or 1 MB poison)"
+        } else {
+            ""
+        },
         args.rounds
     );
     let mut runs = Vec::new();
@@ -608,6 +747,7 @@ fn main() -> anyhow::Result<()> {
             );
             let run = one_run(
                 &brokers,
+                broker_pid,
                 &runtime,
                 &admin,
                 work.path(),
@@ -616,8 +756,14 @@ fn main() -> anyhow::Result<()> {
                 poisoned,
             )?;
             println!(
-                "  {name}: {:.0} msg/s (load average {} → {})",
-                run.rate, run.load_before, run.load_after
+                "  {name}: {:.0} msg/s; CPU per 1,000 messages: service {}, broker {} (load average {} → {}); bare consumer {:.0} msg/s, broker {}",
+                run.rate,
+                milliseconds(run.service_ms_per_k),
+                milliseconds(run.broker_ms_per_k),
+                run.load_before,
+                run.load_after,
+                run.bare_rate,
+                milliseconds(run.bare_broker_ms_per_k),
             );
             runs.push(run);
         }
@@ -642,6 +788,42 @@ fn main() -> anyhow::Result<()> {
         100.0 * poison_median / clean_median.max(1e-9),
         100.0 * (clean_max - clean_min) / clean_median.max(1e-9)
     );
+    let mut bare_clean: Vec<f64> = runs
+        .iter()
+        .filter(|r| !r.poisoned)
+        .map(|r| r.bare_rate)
+        .collect();
+    let mut bare_poisoned: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.poisoned)
+        .map(|r| r.bare_rate)
+        .collect();
+    let bare_clean_median = median(&mut bare_clean);
+    let bare_poison_median = median(&mut bare_poisoned);
+    println!(
+        "bare consumer (broker and fetch only): clean median {bare_clean_median:.0} msg/s, poisoned median {bare_poison_median:.0} msg/s; poisoned/clean {:.1} %",
+        100.0 * bare_poison_median / bare_clean_median.max(1e-9)
+    );
+    for (who, of) in [
+        (
+            "service",
+            (|r: &Run| r.service_ms_per_k) as fn(&Run) -> Option<f64>,
+        ),
+        ("broker", |r: &Run| r.broker_ms_per_k),
+        ("broker (bare consumer)", |r: &Run| r.bare_broker_ms_per_k),
+    ] {
+        let mut clean: Vec<f64> = runs.iter().filter(|r| !r.poisoned).filter_map(of).collect();
+        let mut poisoned: Vec<f64> = runs.iter().filter(|r| r.poisoned).filter_map(of).collect();
+        if clean.is_empty() || poisoned.is_empty() {
+            continue;
+        }
+        let clean_median = median(&mut clean);
+        let poison_median = median(&mut poisoned);
+        println!(
+            "{who} CPU per 1,000 messages: clean median {clean_median:.1} ms, poisoned median {poison_median:.1} ms; poisoned/clean {:.1} %",
+            100.0 * poison_median / clean_median.max(1e-9)
+        );
+    }
     drop(broker);
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! partition is assigned, so nothing is ever fetched into the shared queue and each partition
 //! worker reads its own input without a dispatching thread in between. The blocking poll loop
 //! serves rebalances and callbacks, and hands the (normally no) messages that still arrive on
-//! the shared queue to the [`InputSink`].
+//! the shared queue to the [`InputSink`]. A payload over the size limit is cut while it is
+//! copied out of librdkafka's buffer ([`PayloadLimit`]): a 10 MB poison message costs the copy
+//! its dead letter needs, not 10 MB.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -21,6 +23,25 @@ use super::{client, consumer_config, ClientHealth, KafkaSetupError};
 use crate::metrics::Metrics;
 use crate::settings::KafkaSettings;
 
+/// How much of a payload is copied out of librdkafka's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayloadLimit {
+    /// A payload longer than this is not decoded at all (`input.max_event_bytes`)…
+    pub max_bytes: usize,
+    /// …so only its first `kept_bytes` are copied: what its dead letter forwards.
+    pub kept_bytes: usize,
+}
+
+impl PayloadLimit {
+    /// The part of `payload` that is kept: all of it within the limit, else its head.
+    fn kept<'a>(&self, payload: &'a [u8]) -> &'a [u8] {
+        if payload.len() <= self.max_bytes {
+            return payload;
+        }
+        &payload[..payload.len().min(self.kept_bytes)]
+    }
+}
+
 /// An input message, copied out of librdkafka's buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputMessage {
@@ -31,18 +52,23 @@ pub struct InputMessage {
     /// Kafka timestamp (create or log-append time), ms.
     pub timestamp: Option<i64>,
     pub key: Option<Vec<u8>>,
+    /// The payload, or only its head if it is over the [`PayloadLimit`].
     pub payload: Option<Vec<u8>>,
+    /// The payload's size in Kafka: more than `payload` holds when only its head was kept.
+    pub payload_bytes: usize,
 }
 
 impl InputMessage {
-    fn copied<M: Message>(message: &M, topic: Arc<str>) -> InputMessage {
+    fn copied<M: Message>(message: &M, topic: Arc<str>, limit: PayloadLimit) -> InputMessage {
+        let payload = message.payload();
         InputMessage {
             topic,
             partition: message.partition(),
             offset: message.offset(),
             timestamp: message.timestamp().to_millis(),
             key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
+            payload: payload.map(|bytes| limit.kept(bytes).to_vec()),
+            payload_bytes: payload.map_or(0, <[u8]>::len),
         }
     }
 }
@@ -53,6 +79,7 @@ pub struct PartitionInput {
     pub partition: i32,
     queue: PartitionQueue<SinkContext>,
     consumer: Arc<GroupConsumer>,
+    limit: PayloadLimit,
     /// The next offset to read, when known (stored offset, then the last message read + 1).
     next_offset: Option<i64>,
     /// Messages below this offset are already reflected in the state (set where a restore
@@ -71,7 +98,11 @@ impl PartitionInput {
                         continue;
                     }
                     self.next_offset = Some(message.offset() + 1);
-                    out.push(InputMessage::copied(&message, self.topic.clone()));
+                    out.push(InputMessage::copied(
+                        &message,
+                        self.topic.clone(),
+                        self.limit,
+                    ));
                     taken += 1;
                 }
                 Some(Err(error)) => {
@@ -184,6 +215,8 @@ pub trait InputSink: Send + Sync {
 pub struct SinkContext {
     pub sink: Arc<dyn InputSink>,
     metrics: Arc<Metrics>,
+    /// How much of each payload is copied out of librdkafka.
+    limit: PayloadLimit,
     /// The consumer this context belongs to (set right after creation), to split queues.
     consumer: OnceLock<Weak<GroupConsumer>>,
     /// Where connection problems (TLS, SASL, unreachable brokers) are reported.
@@ -262,6 +295,7 @@ impl ConsumerContext for SinkContext {
                             partition,
                             queue,
                             consumer: owner.clone(),
+                            limit: self.limit,
                             next_offset: stored,
                             floor: i64::MIN,
                         });
@@ -324,17 +358,19 @@ pub type GroupConsumer = BaseConsumer<SinkContext>;
 /// Longest time a message waits in a partial batch before it is handed to its worker.
 const HANDOVER: Duration = Duration::from_millis(20);
 
-/// Creates the group consumer (not yet subscribed).
+/// Creates the group consumer (not yet subscribed); payloads are copied within `limit`.
 pub fn group_consumer(
     settings: &KafkaSettings,
     sink: Arc<dyn InputSink>,
     metrics: Arc<Metrics>,
     health: Arc<ClientHealth>,
+    limit: PayloadLimit,
 ) -> Result<Arc<GroupConsumer>, KafkaSetupError> {
     let consumer: GroupConsumer = consumer_config(settings)
         .create_with_context(SinkContext {
             sink,
             metrics,
+            limit,
             consumer: OnceLock::new(),
             health,
         })
@@ -371,7 +407,8 @@ pub fn poll_loop(
             // Only if a partition's queue could not be split: the worker gets it via the sink.
             Some(Ok(message)) => {
                 let topic = message.topic().into();
-                sink.push(InputMessage::copied(&message, topic))
+                let limit = consumer.context().limit;
+                sink.push(InputMessage::copied(&message, topic, limit))
             }
             Some(Err(error)) => tracing::warn!(%error, "consumer error"),
             None => {
@@ -406,5 +443,65 @@ pub fn commit(consumer: &GroupConsumer, offsets: &[(String, i32, i64)], mode: Co
     }
     if let Err(error) = consumer.commit(&list, mode) {
         tracing::debug!(%error, "offset commit failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{OwnedMessage, Timestamp};
+
+    const LIMIT: PayloadLimit = PayloadLimit {
+        max_bytes: 64 * 1024,
+        kept_bytes: 900 * 1024,
+    };
+
+    fn copied(payload: Option<Vec<u8>>) -> InputMessage {
+        let message = OwnedMessage::new(
+            payload,
+            Some(b"c-1".to_vec()),
+            "events".into(),
+            Timestamp::CreateTime(1_000),
+            2,
+            7,
+            None,
+        );
+        InputMessage::copied(&message, Arc::from("events"), LIMIT)
+    }
+
+    /// Of a 10 MB payload only what its dead letter forwards leaves librdkafka's buffer, and the
+    /// message still says how large it was.
+    #[test]
+    fn an_oversized_payload_is_cut_as_it_is_copied() {
+        let huge = vec![b'x'; 10 << 20];
+        let message = copied(Some(huge.clone()));
+        assert_eq!(message.payload.as_deref(), Some(&huge[..900 * 1024]));
+        assert_eq!(message.payload_bytes, 10 << 20);
+        assert_eq!((message.partition, message.offset), (2, 7));
+        assert_eq!(message.key.as_deref(), Some(&b"c-1"[..]));
+    }
+
+    /// Over the limit but under what a dead letter forwards: copied whole (the dead letter is
+    /// the input unchanged); within the limit: copied whole, of course.
+    #[test]
+    fn payloads_a_dead_letter_forwards_whole_are_copied_whole() {
+        for size in [
+            0,
+            10,
+            LIMIT.max_bytes,
+            LIMIT.max_bytes + 1,
+            LIMIT.kept_bytes,
+        ] {
+            let payload = vec![b'y'; size];
+            let message = copied(Some(payload.clone()));
+            assert_eq!(
+                message.payload.as_deref(),
+                Some(&payload[..]),
+                "{size} bytes"
+            );
+            assert_eq!(message.payload_bytes, size);
+        }
+        let empty = copied(None);
+        assert_eq!((empty.payload, empty.payload_bytes), (None, 0));
     }
 }

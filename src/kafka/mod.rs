@@ -99,6 +99,13 @@ fn layered<'a>(
 /// Consumer settings: no auto-commit (segmenter stores its own offsets with the state),
 /// eager range assignment (partition p of every co-partitioned topic lands on one member),
 /// bounded prefetch.
+///
+/// The prefetch bound is checked by librdkafka before each fetch; while a partition's queue is
+/// over it, the next check waits `fetch.queue.backoff.ms`, 1 s by default — however soon the
+/// worker empties the queue. One message larger than the bound (a 10 MB poison message, legal
+/// where the topic allows it) fills the queue by itself, so with the default every such message
+/// idled its partition for a second (BENCHMARKS.md, "Poison at rate"). Checking again after
+/// 10 ms costs a timer wake-up per full partition, nothing when the queue is not full.
 pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = layered(
         settings,
@@ -109,6 +116,7 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
             ("auto.offset.reset", "earliest"),
             ("partition.assignment.strategy", "range"),
             ("queued.max.messages.kbytes", "8192"),
+            ("fetch.queue.backoff.ms", "10"),
             ("session.timeout.ms", "10000"),
             // Consumer lag per partition for the metrics comes from these statistics.
             ("statistics.interval.ms", "5000"),
@@ -603,6 +611,11 @@ mod tests {
         assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(config.get("session.timeout.ms"), Some("6000"));
         assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(
+            config.get("fetch.queue.backoff.ms"),
+            Some("10"),
+            "a full prefetch queue is checked again soon, not after librdkafka's 1 s"
+        );
         assert_eq!(config.get("group.id"), Some("g"), "kafka.group_id decides");
         assert_eq!(config.get("group.instance.id"), Some("pod-1"));
 

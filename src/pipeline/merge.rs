@@ -141,6 +141,7 @@ mod tests {
             timestamp: Some(timestamp),
             key: None,
             payload: None,
+            payload_bytes: 0,
         }
     }
 

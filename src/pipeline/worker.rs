@@ -381,11 +381,12 @@ impl Worker {
                 offset: message.offset,
                 key: message.key.as_deref(),
                 payload: message.payload.as_deref(),
+                payload_bytes: message.payload_bytes,
             };
             let decoded = self
                 .shared
                 .decoder
-                .decode(message.payload.as_deref().unwrap_or_default());
+                .decode_sized(source.payload.unwrap_or_default(), source.payload_bytes);
             let event = match decoded {
                 Ok(event) => event,
                 Err(error) => {
@@ -1171,6 +1172,7 @@ mod tests {
             offset,
             timestamp: Some(at),
             key: Some(customer.as_bytes().to_vec()),
+            payload_bytes: payload.len(),
             payload: Some(payload.into_bytes()),
         }
     }

@@ -309,7 +309,21 @@ impl RocksStore {
     pub fn write_ref(&self, writes: &WriteSet) -> Result<(), StoreError> {
         let guard = self.db()?;
         let db = guard.as_ref().ok_or_else(closed)?;
-        let mut batch = WriteBatch::default();
+        // Sized up front, like the values: a batch holding a 900 KiB dead letter no longer
+        // grows (and copies itself) by doubling. Per entry: a tag, the column family and two
+        // lengths as varints (at most 16 bytes); 12 for the header.
+        let bytes = writes
+            .ops
+            .iter()
+            .map(|(_, key, value)| 16 + key.len() + value.as_ref().map_or(0, Vec::len))
+            .chain(
+                writes
+                    .ranges
+                    .iter()
+                    .map(|(_, from, to)| 16 + from.len() + to.len()),
+            )
+            .sum::<usize>();
+        let mut batch = WriteBatch::with_capacity_bytes(12 + bytes);
         for (table, from, to) in &writes.ranges {
             batch.delete_range_cf(Self::family(db, *table)?, from, to);
         }

@@ -1,6 +1,6 @@
 //! Helpers both Kafka benchmarks (`bench_kafka`, `bench_poison`) use: local ports, scraping the
-//! service's HTTP endpoints, summing metric series, the input key, starting and stopping the
-//! service.
+//! service's HTTP endpoints, summing metric series, a process's CPU time, the input key,
+//! starting and stopping the service.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -52,6 +52,18 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
+/// User + system CPU seconds and minor page faults of a process so far, from `/proc` (Linux).
+pub fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let faults: f64 = fields.get(7)?.parse().ok()?;
+    // /proc reports in USER_HZ, 100 per second on Linux (x86-64 and arm64 alike).
+    Some((ticks / 100.0, faults))
+}
+
 /// SIGTERM, then wait for the exit.
 pub fn stop(mut child: Child) {
     let _ = Command::new("kill")
@@ -63,7 +75,10 @@ pub fn stop(mut child: Child) {
 
 /// Starts `segmenter run` (the binary next to this one) on `input`, in consumer group `group`,
 /// with output topics `{outputs}-changes/-membership/-dlq`, every segment of
-/// config/segments.toml, the wall clock and its HTTP port on `http_port`.
+/// config/segments.toml, the wall clock and its HTTP port on `http_port`. `$BENCH_KAFKA_CONSUMER`
+/// is appended to its `[kafka.consumer]` table as TOML lines (e.g. `"fetch.queue.backoff.ms" =
+/// "1000"` to measure a librdkafka setting without a rebuild); `$BENCH_SERVICE_LOG` is its
+/// `RUST_LOG`.
 pub fn start_service(
     brokers: &str,
     work: &std::path::Path,
@@ -78,8 +93,9 @@ pub fn start_service(
     std::fs::write(
         &config,
         format!(
-            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
-            work.join(format!("{group}-state"))
+            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n{consumer_extra}\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+            work.join(format!("{group}-state")),
+            consumer_extra = std::env::var("BENCH_KAFKA_CONSUMER").unwrap_or_default(),
         ),
     )?;
     let binary: PathBuf = std::env::current_exe()?
