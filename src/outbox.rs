@@ -225,6 +225,9 @@ impl OutboxEntry {
         let capacity = match self {
             OutboxEntry::Record(record) => 1 + record.encoded_len(),
             OutboxEntry::Change(_) => 96,
+            OutboxEntry::Changelog(record) => {
+                17 + record.key.len() + record.value.as_ref().map_or(0, Vec::len)
+            }
         };
         let mut out = Vec::with_capacity(capacity);
         self.encode_into(&mut out);
