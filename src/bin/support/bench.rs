@@ -1,4 +1,4 @@
-//! Helpers both Kafka benchmarks (`bench_kafka`, `bench_poison`) use: local ports, scraping the
+//! Helpers the Kafka benchmarks (`bench_kafka`, `bench_poison`, `bench_restore`) use: local ports, scraping the
 //! service's HTTP endpoints, summing metric series, the input key, starting and stopping the
 //! service.
 
@@ -62,8 +62,8 @@ pub fn stop(mut child: Child) {
 }
 
 /// Starts `segmenter run` (the binary next to this one) on `input`, in consumer group `group`,
-/// with output topics `{outputs}-changes/-membership/-dlq`, every segment of
-/// config/segments.toml, the wall clock and its HTTP port on `http_port`.
+/// with output topics `{outputs}-changes/-membership/-dlq`, changelog `{group}-changelog`, every
+/// segment of config/segments.toml, the wall clock and its HTTP port on `http_port`.
 pub fn start_service(
     brokers: &str,
     work: &std::path::Path,
@@ -72,14 +72,53 @@ pub fn start_service(
     outputs: &str,
     http_port: u16,
 ) -> anyhow::Result<Child> {
+    start_service_as(&Service {
+        brokers,
+        work,
+        group,
+        instance: "",
+        input,
+        outputs,
+        http_port,
+        clock: "wall",
+    })
+}
+
+/// One `segmenter run` instance, for [`start_service_as`].
+pub struct Service<'a> {
+    pub brokers: &'a str,
+    pub work: &'a std::path::Path,
+    pub group: &'a str,
+    /// Tells instances of one group apart (their state dirs); empty for a single one.
+    pub instance: &'a str,
+    pub input: &'a str,
+    pub outputs: &'a str,
+    pub http_port: u16,
+    /// `engine.clock`: "wall" or "event".
+    pub clock: &'a str,
+}
+
+/// Starts `segmenter run` as `service` says (see [`start_service`]); the state dir is
+/// `{group}{instance}-state` under `work`.
+pub fn start_service_as(service: &Service<'_>) -> anyhow::Result<Child> {
+    let Service {
+        brokers,
+        work,
+        group,
+        instance,
+        input,
+        outputs,
+        http_port,
+        clock,
+    } = service;
     let segments =
         std::fs::canonicalize("config/segments.toml").context("run from the repository root")?;
-    let config = work.join(format!("{group}-{input}.toml"));
+    let config = work.join(format!("{group}{instance}-{input}.toml"));
     std::fs::write(
         &config,
         format!(
-            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
-            work.join(format!("{group}-state"))
+            "segments_file = {segments:?}\n[engine]\nclock = \"{clock}\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\nchangelog_topic = \"{group}-changelog\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+            work.join(format!("{group}{instance}-state"))
         ),
     )?;
     let binary: PathBuf = std::env::current_exe()?

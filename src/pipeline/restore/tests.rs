@@ -8,9 +8,15 @@ use crate::model::{Change, Event, EventKind};
 use crate::outbox::ChangelogRecord;
 use crate::store::MemoryStore;
 
-/// A changelog partition held in memory: (offset, key, value, writer), with gaps allowed.
+/// A changelog record as the tests write it: (key, value, writer).
+type TestRecord = (Vec<u8>, Option<Vec<u8>>, [u8; 8]);
+
+/// A record at its offset: (offset, key, value, writer).
+type StoredRecord = (i64, Vec<u8>, Option<Vec<u8>>, [u8; 8]);
+
+/// A changelog partition held in memory, with gaps allowed.
 struct VecSource {
-    records: Vec<(i64, Vec<u8>, Option<Vec<u8>>, [u8; 8])>,
+    records: Vec<StoredRecord>,
     low: i64,
     high: i64,
     /// Stop after this many records of a `read` (a rebalance in the middle).
@@ -19,7 +25,7 @@ struct VecSource {
 }
 
 impl VecSource {
-    fn new(records: Vec<(Vec<u8>, Option<Vec<u8>>, [u8; 8])>) -> VecSource {
+    fn new(records: Vec<TestRecord>) -> VecSource {
         let high = records.len() as i64;
         VecSource {
             records: records
