@@ -56,7 +56,7 @@ pub enum RestoreError {
 }
 
 /// Records written per batch.
-const BATCH: usize = 20_000;
+const BATCH: usize = 100_000;
 
 /// What a restore did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,6 @@
-//! Helpers both Kafka benchmarks (`bench_kafka`, `bench_poison`) use: local ports, scraping the
-//! service's HTTP endpoints, summing metric series, a process's CPU time, the input key,
-//! starting and stopping the service.
+//! Helpers the Kafka benchmarks (`bench_kafka`, `bench_poison`, `bench_restore`) use: local
+//! ports, scraping the service's HTTP endpoints, summing metric series, a process's CPU time, the
+//! input key, starting and stopping the service.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -74,7 +74,7 @@ pub fn stop(mut child: Child) {
 }
 
 /// Starts `segmenter run` (the binary next to this one) on `input`, in consumer group `group`,
-/// with output topics `{outputs}-changes/-membership/-dlq`, every segment of
+/// with output topics `{outputs}-changes/-membership/-dlq`, changelog `{group}-changelog`, every segment of
 /// config/segments.toml, the wall clock and its HTTP port on `http_port`. `$BENCH_KAFKA_CONSUMER`
 /// is appended to its `[kafka.consumer]` table as TOML lines (e.g. `"fetch.queue.backoff.ms" =
 /// "1000"` to measure a librdkafka setting without a rebuild); `$BENCH_SERVICE_LOG` is its
@@ -87,14 +87,53 @@ pub fn start_service(
     outputs: &str,
     http_port: u16,
 ) -> anyhow::Result<Child> {
+    start_service_as(&Service {
+        brokers,
+        work,
+        group,
+        instance: "",
+        input,
+        outputs,
+        http_port,
+        clock: "wall",
+    })
+}
+
+/// One `segmenter run` instance, for [`start_service_as`].
+pub struct Service<'a> {
+    pub brokers: &'a str,
+    pub work: &'a std::path::Path,
+    pub group: &'a str,
+    /// Tells instances of one group apart (their state dirs); empty for a single one.
+    pub instance: &'a str,
+    pub input: &'a str,
+    pub outputs: &'a str,
+    pub http_port: u16,
+    /// `engine.clock`: "wall" or "event".
+    pub clock: &'a str,
+}
+
+/// Starts `segmenter run` as `service` says (see [`start_service`]); the state dir is
+/// `{group}{instance}-state` under `work`.
+pub fn start_service_as(service: &Service<'_>) -> anyhow::Result<Child> {
+    let Service {
+        brokers,
+        work,
+        group,
+        instance,
+        input,
+        outputs,
+        http_port,
+        clock,
+    } = service;
     let segments =
         std::fs::canonicalize("config/segments.toml").context("run from the repository root")?;
-    let config = work.join(format!("{group}-{input}.toml"));
+    let config = work.join(format!("{group}{instance}-{input}.toml"));
     std::fs::write(
         &config,
         format!(
-            "segments_file = {segments:?}\n[engine]\nclock = \"wall\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n{consumer_extra}\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
-            work.join(format!("{group}-state")),
+            "segments_file = {segments:?}\n[engine]\nclock = \"{clock}\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n{consumer_extra}\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\nchangelog_topic = \"{group}-changelog\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+            work.join(format!("{group}{instance}-state")),
             consumer_extra = std::env::var("BENCH_KAFKA_CONSUMER").unwrap_or_default(),
         ),
     )?;

@@ -1,0 +1,400 @@
+//! The parts of `bench_restore` beyond the restore itself: the members-index rebuild a worker
+//! does when it opens a restored partition, changelog bytes per input event of a real
+//! `segmenter run`, and the time from killing an owner to the survivor's first change.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::Message;
+use segmenter::generate::{Generator, GeneratorConfig};
+use segmenter::pipeline::wall_clock_ms;
+use segmenter::rules::Program;
+use segmenter::store::codec::StateLayout;
+use segmenter::store::{keys, RocksStore, Store, Table, WriteSet};
+
+use super::bench::{free_port, key_of, metric_sum, scrape, start_service_as, stop, Service};
+
+/// Input partitions of the service runs.
+const PARTITIONS: i32 = 4;
+
+/// What `pipeline::worker::open_members_index` does for a partition whose index was dropped
+/// by a restore (that function is private to the worker): decode every stored state, write a
+/// member entry per segment it is in, then the counts and the version key. Returns the
+/// memberships written.
+pub fn rebuild_members_index(
+    partition: u32,
+    store: &RocksStore,
+    program: &Program,
+) -> anyhow::Result<u64> {
+    let prefix = keys::partition_prefix(partition);
+    let layout = StateLayout::of(program);
+    let mut old_layouts = HashMap::new();
+    let mut writes = WriteSet::default();
+    let mut counts = vec![0_i64; program.segments.len()];
+    let mut failure = None;
+    store.for_each_prefix(Table::Customers, &prefix, &mut |key, bytes| {
+        let Some(customer) = keys::parse_customer(key) else {
+            return true;
+        };
+        let state = match segmenter::engine::decode_stored(
+            store,
+            &layout,
+            &mut old_layouts,
+            partition,
+            customer,
+            bytes,
+        ) {
+            Ok(state) => state,
+            Err(error) => {
+                failure = Some(anyhow::Error::from(error));
+                return false;
+            }
+        };
+        for ((segment, membership), count) in program
+            .segments
+            .iter()
+            .zip(&state.memberships)
+            .zip(&mut counts)
+        {
+            if membership.member {
+                *count += 1;
+                writes.put(
+                    Table::Members,
+                    keys::member(partition, &segment.id, customer),
+                    membership.since.to_be_bytes().to_vec(),
+                );
+            }
+        }
+        if writes.ops.len() >= 50_000 {
+            if let Err(error) = store.write(std::mem::take(&mut writes)) {
+                failure = Some(error.into());
+                return false;
+            }
+        }
+        true
+    })?;
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    for (segment, count) in program.segments.iter().zip(&counts) {
+        writes.put(
+            Table::Meta,
+            keys::members_count(partition, &segment.id),
+            count.to_be_bytes().to_vec(),
+        );
+    }
+    writes.put(
+        Table::Meta,
+        keys::members_version(partition),
+        program.version.as_bytes().to_vec(),
+    );
+    store.write(writes)?;
+    Ok(counts.iter().map(|c| *c as u64).sum())
+}
+
+fn create_topic(
+    runtime: &tokio::runtime::Runtime,
+    admin: &AdminClient<DefaultClientContext>,
+    name: &str,
+) -> anyhow::Result<()> {
+    runtime.block_on(admin.create_topics(
+        &[NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1))],
+        &AdminOptions::new(),
+    ))?;
+    Ok(())
+}
+
+fn producer(brokers: &str) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "500000")
+        .create()?)
+}
+
+/// The input partition of a customer: chosen here (FNV-1a), so the benchmark knows it.
+fn partition_of(customer: &str) -> i32 {
+    let hash = customer.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % PARTITIONS as u64) as i32
+}
+
+fn send(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, line: &str) {
+    let key = key_of(line);
+    let mut record = BaseRecord::<str, str>::to(topic)
+        .partition(partition_of(&key))
+        .key(&key)
+        .payload(line)
+        .timestamp(wall_clock_ms());
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((_, returned)) => {
+                record = returned;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// Scrapes the service until it has consumed `total` events and its outbox is empty.
+fn wait_consumed(port: u16, total: u64, limit: Duration) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + limit;
+    let mut consumed = 0.0;
+    while Instant::now() < deadline {
+        if let Ok(text) = scrape(port) {
+            consumed = metric_sum(&text, "segmenter_events_consumed_total{");
+            let pending = metric_sum(&text, "segmenter_outbox_pending{");
+            if consumed >= total as f64 && pending == 0.0 {
+                return Ok(consumed);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the service did not finish ({consumed} of {total} consumed)")
+}
+
+fn reader(brokers: &str, group: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .create()?)
+}
+
+/// Changelog records of one kind: count and key + value bytes.
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    records: u64,
+    bytes: u64,
+}
+
+/// Runs `segmenter run` (event clock) over `events` generated events and sums what it wrote
+/// to its changelog topic.
+pub fn changelog_per_event(
+    brokers: &str,
+    work: &std::path::Path,
+    events: u64,
+    runtime: &tokio::runtime::Runtime,
+    admin: &AdminClient<DefaultClientContext>,
+) -> anyhow::Result<()> {
+    let input = "rb-events";
+    create_topic(runtime, admin, input)?;
+    let producer = producer(brokers)?;
+    let mut input_bytes = 0u64;
+    for line in Generator::new(GeneratorConfig {
+        events,
+        ..GeneratorConfig::default()
+    }) {
+        input_bytes += line.len() as u64;
+        send(&producer, input, &line);
+    }
+    producer.flush(Duration::from_secs(60))?;
+    let port = free_port()?;
+    let group = "rb-changelog";
+    let child = start_service_as(&Service {
+        brokers,
+        work,
+        group,
+        instance: "",
+        input,
+        outputs: "rb",
+        http_port: port,
+        clock: "event",
+    })?;
+    let consumed = wait_consumed(port, events, Duration::from_secs(900));
+    let published = scrape(port).map(|t| metric_sum(&t, "segmenter_published_total{"));
+    stop(child);
+    let consumed = consumed?;
+    let topic = format!("{group}-changelog");
+    let consumer = reader(brokers, "rb-changelog-reader")?;
+    let mut list = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        list.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&list)?;
+    let mut tallies: HashMap<u8, Tally> = HashMap::new();
+    let mut tombstones = 0u64;
+    let mut at_end = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while at_end.len() < PARTITIONS as usize && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                let key = message.key().unwrap_or_default();
+                let value = message.payload().unwrap_or_default();
+                let tally = tallies
+                    .entry(key.first().copied().unwrap_or(0))
+                    .or_default();
+                tally.records += 1;
+                tally.bytes += (key.len() + value.len()) as u64;
+                tombstones += u64::from(message.payload().is_none());
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                at_end.insert(partition);
+            }
+            _ => {}
+        }
+    }
+    let total = tallies.values().fold(Tally::default(), |sum, t| Tally {
+        records: sum.records + t.records,
+        bytes: sum.bytes + t.bytes,
+    });
+    let kind = |k: u8| tallies.get(&k).copied().unwrap_or_default();
+    println!(
+        "segmenter run (event clock) over {consumed:.0} events ({:.0} input bytes/event): changelog {} records, {:.1} MB; {:.1} changelog bytes per input event, {:.3} records per event (customer {:.3} at {:.0} B, checkpoint {:.4}, layout {}; {} tombstones); {} output records published in all",
+        input_bytes as f64 / events as f64,
+        total.records,
+        total.bytes as f64 / 1e6,
+        total.bytes as f64 / consumed,
+        total.records as f64 / consumed,
+        kind(b'c').records as f64 / consumed,
+        kind(b'c').bytes as f64 / kind(b'c').records.max(1) as f64,
+        kind(b'm').records as f64 / consumed,
+        kind(b'l').records,
+        tombstones,
+        published.map_or("?".into(), |p| format!("{p:.0}")),
+    );
+    Ok(())
+}
+
+/// Input partitions an instance owns: those with a `segmenter_timers_pending` series (removed
+/// when a partition is revoked).
+fn owned_partitions(port: u16) -> anyhow::Result<HashSet<i32>> {
+    let text = scrape(port)?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("segmenter_timers_pending{"))
+        .filter_map(|l| {
+            l.split("partition=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect())
+}
+
+/// Two instances in one group under a steady load; SIGKILL one; time until the change topic
+/// shows a change produced after the kill for a customer of a partition the killed one owned.
+pub fn failover(
+    brokers: &str,
+    work: &std::path::Path,
+    runtime: &tokio::runtime::Runtime,
+    admin: &AdminClient<DefaultClientContext>,
+) -> anyhow::Result<()> {
+    let input = "fo-events";
+    create_topic(runtime, admin, input)?;
+    let group = "fo";
+    let ports = [free_port()?, free_port()?];
+    let service = |instance, http_port| Service {
+        brokers,
+        work,
+        group,
+        instance,
+        input,
+        outputs: "fo",
+        http_port,
+        clock: "wall",
+    };
+    let survivor = start_service_as(&service("-a", ports[0]))?;
+    let mut victim = start_service_as(&service("-b", ports[1]))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let a = owned_partitions(ports[0]).unwrap_or_default();
+        let b = owned_partitions(ports[1]).unwrap_or_default();
+        if !a.is_empty() && !b.is_empty() && a.len() + b.len() == PARTITIONS as usize {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the two instances did not share the partitions ({a:?}, {b:?})");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A steady load, on its own thread, from now until the end.
+    let rate = 2_000.0;
+    let loading = Arc::new(AtomicBool::new(true));
+    let load = {
+        let loading = loading.clone();
+        let producer = producer(brokers)?;
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let generator = Generator::new(GeneratorConfig {
+                events: 100_000_000,
+                start_ms: wall_clock_ms(),
+                events_per_second: rate,
+                late_fraction: 0.0,
+                duplicate_fraction: 0.0,
+                ..GeneratorConfig::default()
+            });
+            for (i, line) in generator.enumerate() {
+                if !loading.load(Ordering::Relaxed) {
+                    break;
+                }
+                let due = Duration::from_secs_f64(i as f64 / rate);
+                while start.elapsed() < due {
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                send(&producer, input, &line);
+            }
+            let _ = producer.flush(Duration::from_secs(10));
+        })
+    };
+    let changes = reader(brokers, "fo-watch")?;
+    changes.subscribe(&["fo-changes"])?;
+    let warm = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < warm {
+        changes.poll(Duration::from_millis(50));
+    }
+    let owned = owned_partitions(ports[1])?;
+    let kill_ms = wall_clock_ms();
+    let killed = Instant::now();
+    victim.kill()?;
+    let _ = victim.wait();
+    let mut first: Option<(Duration, i64)> = None;
+    let deadline = killed + Duration::from_secs(120);
+    while first.is_none() && Instant::now() < deadline {
+        let Some(Ok(message)) = changes.poll(Duration::from_millis(20)) else {
+            continue;
+        };
+        let produced_ms = message.timestamp().to_millis().unwrap_or(0);
+        let customer = std::str::from_utf8(message.key().unwrap_or_default()).unwrap_or("");
+        if produced_ms > kill_ms && owned.contains(&partition_of(customer)) {
+            first = Some((killed.elapsed(), produced_ms - kill_ms));
+        }
+    }
+    let restore = scrape(ports[0])
+        .map(|t| {
+            let sum = metric_sum(&t, "segmenter_restore_seconds_sum");
+            let count = metric_sum(&t, "segmenter_restore_seconds_count");
+            let records = metric_sum(&t, "segmenter_restore_records_total");
+            format!("{count:.0} partition restores on the survivor, {records:.0} changelog records, {sum:.2} s in all")
+        })
+        .unwrap_or_default();
+    loading.store(false, Ordering::Relaxed);
+    let _ = load.join();
+    stop(survivor);
+    let (seen, produced) = first
+        .context("no change from the survivor for the killed owner's partitions within 120 s")?;
+    println!(
+        "failover (no standby; session.timeout.ms 6000; {rate:.0} events/s over {PARTITIONS} partitions, the killed owner had {owned:?}): kill -9 → first change of its partitions produced by the survivor {:.2} s, read downstream {:.2} s ({restore})",
+        produced as f64 / 1000.0,
+        seen.as_secs_f64()
+    );
+    Ok(())
+}
