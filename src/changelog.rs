@@ -283,9 +283,14 @@ pub fn plan(
 /// A restore in progress: what has been read, persisted with every batch of writes so an
 /// interrupted restore (a rebalance, a crash) continues where it stopped.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Restore {
+    /// Where the restore started.
+    pub start_offset: i64,
     /// The next changelog offset to read.
     pub next_offset: i64,
+    /// The offset of the last checkpoint read.
+    pub checkpoint_offset: Option<i64>,
     /// Where the restore ends (the high watermark read when it started).
     pub end_offset: i64,
     /// The last checkpoint read.
@@ -299,6 +304,7 @@ pub struct Restore {
 impl Restore {
     pub fn new(from: i64, to: i64) -> Restore {
         Restore {
+            start_offset: from,
             next_offset: from,
             end_offset: to,
             ..Restore::default()
@@ -331,6 +337,7 @@ impl Restore {
             Record::Checkpoint(checkpoint) => {
                 self.ahead.clear();
                 self.checkpoint = Some(checkpoint);
+                self.checkpoint_offset = Some(offset);
             }
             Record::Layout { id, descriptor } => {
                 writes.put(Table::Meta, keys::layout(id), descriptor.to_vec());
@@ -341,10 +348,32 @@ impl Restore {
         Ok(())
     }
 
-    /// The progress record to store with a batch of writes.
+    /// The progress record to store with a batch of writes. The customers ahead of the last
+    /// checkpoint are stored with it while they are few; in a compacted changelog the only
+    /// checkpoint may be the last record, and storing them all with every batch would make a
+    /// restore quadratic (`bench_restore`), so beyond [`SAVED_AHEAD`] the record says instead to
+    /// read again from after the last checkpoint, which finds them again.
     pub fn save(&self, partition: u32, writes: &mut WriteSet) {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        writes.put(Table::Meta, keys::restore(partition), json);
+        let json = if self.ahead.len() <= SAVED_AHEAD {
+            serde_json::to_vec(self)
+        } else {
+            serde_json::to_vec(&Restore {
+                start_offset: self.start_offset,
+                next_offset: self
+                    .checkpoint_offset
+                    .map_or(self.start_offset, |at| at + 1),
+                checkpoint_offset: self.checkpoint_offset,
+                end_offset: self.end_offset,
+                checkpoint: self.checkpoint.clone(),
+                ahead: BTreeMap::new(),
+                records: self.records,
+            })
+        };
+        writes.put(
+            Table::Meta,
+            keys::restore(partition),
+            json.unwrap_or_default(),
+        );
     }
 
     /// The final writes: the clock and input offsets of the last checkpoint, the skip marks of
@@ -404,6 +433,9 @@ impl Restore {
         writes.delete(Table::Meta, keys::members_version(p));
     }
 }
+
+/// Customers ahead of the last checkpoint stored with a restore's progress, at most.
+pub const SAVED_AHEAD: usize = 10_000;
 
 /// Adds to `writes` the deletion of everything a partition holds locally (states, timers,
 /// outbox, members index, and its Meta keys) — before a full restore.

@@ -271,3 +271,43 @@ fn wiping_a_partition_leaves_the_others() {
         .expect("read")
         .is_some());
 }
+
+/// Beyond SAVED_AHEAD customers after the last checkpoint, the saved progress does not carry
+/// them (that made restores quadratic) but says to read again from after that checkpoint.
+#[test]
+fn a_large_ahead_set_is_not_saved_but_read_again() {
+    let store = MemoryStore::default();
+    let mut restore = Restore::new(5, 1_000_000);
+    let mut writes = WriteSet::default();
+    let checkpoint = encode_checkpoint(&Checkpoint {
+        clock: None,
+        offsets: offsets(&[("e", 1)]),
+    });
+    restore
+        .apply(1, 5, &checkpoint_key(), Some(&checkpoint), &mut writes)
+        .expect("valid");
+    for i in 0..=SAVED_AHEAD as i64 {
+        let value = encode_customer(&offsets(&[("e", 2)]), b"S");
+        restore
+            .apply(
+                1,
+                6 + i,
+                &customer_key(&format!("c{i}")),
+                Some(&value),
+                &mut writes,
+            )
+            .expect("valid");
+    }
+    assert_eq!(restore.ahead.len(), SAVED_AHEAD + 1);
+    restore.save(1, &mut writes);
+    store.write(writes).expect("write");
+    let saved = store
+        .get(Table::Meta, &keys::restore(1))
+        .expect("read")
+        .expect("saved");
+    let resumed: Restore = serde_json::from_slice(&saved).expect("JSON");
+    assert_eq!(resumed.next_offset, 6, "right after the checkpoint at 5");
+    assert!(resumed.ahead.is_empty());
+    assert_eq!(resumed.checkpoint, restore.checkpoint);
+    assert!(saved.len() < 1_000, "{} bytes", saved.len());
+}

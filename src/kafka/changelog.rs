@@ -1,8 +1,11 @@
 //! Reading a changelog partition for a restore: a consumer outside the group, assigned to one
-//! partition at an offset, read until the end offset taken at the start. The end is reached when
-//! a record at or past it arrives, or librdkafka reports the partition's end (`enable.partition.eof`)
-//! — compaction and transaction markers leave offset gaps, so the record just before the end may
-//! not exist.
+//! partition at an offset, read until librdkafka reports the partition's end
+//! (`enable.partition.eof`) — not until a record at the end offset, since compaction and
+//! transaction markers leave offset gaps and the record just before the end may not exist.
+//!
+//! The end offset itself is read, not trusted: tansu 0.6.0 reports the start of a partition's
+//! last batch as its high watermark (seen by `bench_restore`: 19,144 for 20,002 records), so the
+//! last batch — often holding the last checkpoint — would be missed.
 
 use std::time::Duration;
 
@@ -18,6 +21,10 @@ use crate::settings::KafkaSettings;
 
 /// How long one poll waits before checking whether to stop.
 const POLL: Duration = Duration::from_millis(100);
+
+/// A read that gets neither a record nor the partition's end for this long gives up (the
+/// caller retries): the broker is unreachable.
+const STALL: Duration = Duration::from_secs(30);
 
 pub struct ChangelogReader {
     consumer: BaseConsumer,
@@ -59,9 +66,26 @@ impl ChangelogReader {
 
 impl ChangelogSource for ChangelogReader {
     fn watermarks(&self, partition: i32) -> Result<(i64, i64), String> {
-        self.consumer
+        let (low, high) = self
+            .consumer
             .fetch_watermarks(&self.topic, partition, self.timeout)
-            .map_err(|e| format!("reading the end offsets of {}/{partition}: {e}", self.topic))
+            .map_err(|e| format!("reading the end offsets of {}/{partition}: {e}", self.topic))?;
+        if high <= low {
+            return Ok((low, high));
+        }
+        // What follows the reported end, if anything (see the module doc).
+        let mut end = high;
+        self.read(
+            partition,
+            (high - 1).max(low),
+            high,
+            &|| false,
+            &mut |message| {
+                end = end.max(message.offset + 1);
+                Ok(())
+            },
+        )?;
+        Ok((low, end))
     }
 
     fn read(
@@ -82,9 +106,16 @@ impl ChangelogSource for ChangelogReader {
         self.consumer
             .assign(&assignment)
             .map_err(|e| format!("assigning {}/{partition}: {e}", self.topic))?;
+        let mut progress = std::time::Instant::now();
         let outcome = loop {
             if stop() {
                 break Ok(false);
+            }
+            if progress.elapsed() > STALL {
+                break Err(format!(
+                    "no record and no end of {}/{partition} for {STALL:?}",
+                    self.topic
+                ));
             }
             match self.consumer.poll(POLL) {
                 None => continue,
@@ -95,17 +126,15 @@ impl ChangelogSource for ChangelogReader {
                             .find(|h| h.key == WRITER_HEADER)
                             .and_then(|h| h.value)
                     });
-                    let offset = message.offset();
+                    progress = std::time::Instant::now();
                     visit(ChangelogMessage {
-                        offset,
+                        offset: message.offset(),
                         key: message.key().unwrap_or_default(),
                         value: message.payload(),
                         writer,
                     })?;
-                    if offset + 1 >= until {
-                        break Ok(true);
-                    }
                 }
+                // Everything the broker has, which is at least `until`.
                 Some(Err(KafkaError::PartitionEOF(_))) => break Ok(true),
                 Some(Err(error)) => {
                     tracing::warn!(topic = %self.topic, partition, %error, "changelog read error; retrying");

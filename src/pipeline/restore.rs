@@ -28,8 +28,8 @@ pub trait ChangelogSource {
     /// The (log start, high watermark) offsets of changelog partition `partition`.
     fn watermarks(&self, partition: i32) -> Result<(i64, i64), String>;
 
-    /// Calls `visit` with every record of `[from, until)` in offset order; `Ok(false)` if
-    /// `stop` said stop first.
+    /// Calls `visit` with every record from `from` to the partition's end (at least `until`,
+    /// the end read at the start) in offset order; `Ok(false)` if `stop` said stop first.
     fn read(
         &self,
         partition: i32,
