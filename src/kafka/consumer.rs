@@ -115,22 +115,27 @@ impl PartitionInput {
     }
 
     /// Starts fetching this partition (paused since its assignment, while its state was
-    /// restored) at `offset`, where its state ends (`None`: where the assignment put it).
-    pub fn resume_at(&mut self, offset: Option<i64>) -> Result<(), String> {
+    /// restored) at `offset`, where its state ends (`None`: where the assignment put it). Gives
+    /// up when `stop` says so (the partition is being revoked: the rebalance callback waits for
+    /// this thread, so it must not block).
+    pub fn resume_at(
+        &mut self,
+        offset: Option<i64>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), String> {
         if let Some(offset) = offset.filter(|o| self.next_offset != Some(*o)) {
             // Right after an assignment librdkafka may refuse a seek ("erroneous state") until
             // the partition's fetcher is set up: retried for a while.
-            let mut attempts = 0;
+            let deadline = std::time::Instant::now() + SEEK_PATIENCE;
             loop {
                 match self.consumer.seek(
                     &self.topic,
                     self.partition,
                     Offset::Offset(offset),
-                    Duration::from_secs(5),
+                    Duration::from_millis(500),
                 ) {
                     Ok(()) => break,
-                    Err(error) if attempts < 100 => {
-                        attempts += 1;
+                    Err(error) if std::time::Instant::now() < deadline && !stop() => {
                         tracing::debug!(topic = %self.topic, partition = self.partition, %error, "seek refused; retrying");
                         std::thread::sleep(Duration::from_millis(50));
                     }
@@ -189,6 +194,9 @@ fn cached_watermarks(consumer: &GroupConsumer, topic: &str, partition: i32) -> O
     (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
         .then_some((low, high))
 }
+
+/// How long a resume retries a refused seek.
+const SEEK_PATIENCE: Duration = Duration::from_secs(10);
 
 /// What the poll loop feeds: messages, idle moments, and partition (re)assignments.
 pub trait InputSink: Send + Sync {

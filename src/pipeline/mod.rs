@@ -268,10 +268,12 @@ fn start_partition(
                 return;
             }
         };
-        if let Err(error) = input.resume_at(offset) {
-            shared.fail(format!(
-                "partition {partition}: resuming its input: {error}"
-            ));
+        if let Err(error) = input.resume_at(offset, &stop) {
+            if !stop() {
+                shared.fail(format!(
+                    "partition {partition}: resuming its input: {error}"
+                ));
+            }
             return;
         }
     }
