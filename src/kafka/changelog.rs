@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -26,8 +26,22 @@ const POLL: Duration = Duration::from_millis(100);
 /// caller retries): the broker is unreachable.
 const STALL: Duration = Duration::from_secs(30);
 
+/// The reader's client context: the partition's end is what a restore waits for, not an error
+/// (librdkafka reports it through the error callback too).
+pub struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "changelog reader: kafka client error (retrying)");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
 pub struct ChangelogReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReaderContext>,
     topic: String,
     timeout: Duration,
 }
@@ -53,8 +67,8 @@ impl ChangelogReader {
             .set("fetch.max.bytes", "52428800")
             .set("max.partition.fetch.bytes", "16777216")
             .set("queued.max.messages.kbytes", "65536");
-        let consumer: BaseConsumer = config
-            .create()
+        let consumer: BaseConsumer<ReaderContext> = config
+            .create_with_context(ReaderContext)
             .map_err(client("creating the changelog reader"))?;
         Ok(ChangelogReader {
             consumer,

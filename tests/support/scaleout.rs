@@ -535,6 +535,11 @@ impl Cluster {
                 self.remember(&owners);
                 return owners;
             }
+            if Instant::now() >= deadline {
+                // The logs are what tells why: keep them past the panic.
+                let kept = self.keep_dir();
+                eprintln!("kept {} (logs, configs, state)", kept.display());
+            }
             assert!(
                 Instant::now() < deadline,
                 "[{}] the group did not settle within {timeout:?} after {}:\n  {}",
