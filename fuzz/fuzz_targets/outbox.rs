@@ -64,7 +64,11 @@ fn changelog_decoders(data: &[u8]) {
         );
     }
     if let Ok(offsets) = changelog::decode_offsets(data) {
-        assert_eq!(changelog::encode_offsets(&offsets), data, "offsets round-trip");
+        assert_eq!(
+            changelog::encode_offsets(&offsets),
+            data,
+            "offsets round-trip"
+        );
     }
     let _ = serde_json::from_slice::<changelog::Restore>(data);
 }
