@@ -21,6 +21,7 @@ use crate::kafka::sink::KafkaSink;
 use crate::metrics::{self, Metrics, SegmentSeries, TopicCounters};
 use crate::model::{time, Change, ChangeKind, Millis};
 use crate::outbox::{ChangelogRecord, OutboxEntry, OutboxRecord, SourceRef};
+use crate::rules::Program;
 use crate::store::codec::StateLayout;
 use crate::store::{codec, keys, RocksStore, Store, StoreError, Table, WriteSet};
 
@@ -406,11 +407,15 @@ impl Worker {
                     continue;
                 }
             }
-            let restored_ahead = self
-                .changelog
-                .skip
-                .get(&event.customer_id)
-                .is_some_and(|mark| changelog::is_skipped(mark, &message.topic, message.offset));
+            // Empty but for a while after a restore: no lookup (and no hashing) otherwise.
+            let restored_ahead = !self.changelog.skip.is_empty()
+                && self
+                    .changelog
+                    .skip
+                    .get(&event.customer_id)
+                    .is_some_and(|mark| {
+                        changelog::is_skipped(mark, &message.topic, message.offset)
+                    });
             if restored_ahead {
                 // Already in the customer's restored state, its changes already published.
                 self.engine.skip_event(&event, &mut self.changes)?;
@@ -830,96 +835,7 @@ fn open_members_index(
     let version_key = keys::members_version(partition);
     let built_for = store.get(Table::Meta, &version_key)?;
     if built_for.as_deref() != Some(program.version.as_bytes()) {
-        // Written in chunks (a partition can hold millions of memberships); the version key
-        // comes last, so an interrupted rebuild simply starts over at the next open.
-        let started = Instant::now();
-        let prefix = keys::partition_prefix(partition);
-        let mut writes = WriteSet::default();
-        writes.delete_range(
-            Table::Members,
-            prefix.clone(),
-            keys::partition_prefix(partition + 1),
-        );
-        let mut counts = vec![0_i64; program.segments.len()];
-        let mut write_failure = None;
-        let layout = crate::store::codec::StateLayout::of(program);
-        let mut old_layouts = HashMap::new();
-        let mut customers = 0;
-        let mut failure = None;
-        store.for_each_prefix(Table::Customers, &prefix, &mut |key, bytes| {
-            let Some(customer) = keys::parse_customer(key) else {
-                return true;
-            };
-            let state = match crate::engine::decode_stored(
-                store,
-                &layout,
-                &mut old_layouts,
-                partition,
-                customer,
-                bytes,
-            ) {
-                Ok(state) => state,
-                Err(error) => {
-                    failure = Some(error);
-                    return false;
-                }
-            };
-            customers += 1;
-            for ((segment, membership), count) in program
-                .segments
-                .iter()
-                .zip(&state.memberships)
-                .zip(&mut counts)
-            {
-                if membership.member {
-                    *count += 1;
-                    writes.put(
-                        Table::Members,
-                        keys::member(partition, &segment.id, customer),
-                        membership.since.to_be_bytes().to_vec(),
-                    );
-                }
-            }
-            if writes.ops.len() >= REBUILD_CHUNK {
-                if let Err(error) = store.write(std::mem::take(&mut writes)) {
-                    write_failure = Some(error);
-                    return false;
-                }
-            }
-            true
-        })?;
-        if let Some(error) = failure {
-            return Err(error.into());
-        }
-        if let Some(error) = write_failure {
-            return Err(error.into());
-        }
-        // The counts and the version key come last, in one write.
-        let count_prefix = keys::members_count_prefix(partition);
-        let mut count_end = count_prefix.clone();
-        if let Some(last) = count_end.last_mut() {
-            *last += 1;
-        }
-        writes.delete_range(Table::Meta, count_prefix, count_end);
-        for (segment, count) in program.segments.iter().zip(&counts) {
-            writes.put(
-                Table::Meta,
-                keys::members_count(partition, &segment.id),
-                count.to_be_bytes().to_vec(),
-            );
-        }
-        writes.put(
-            Table::Meta,
-            version_key,
-            program.version.as_bytes().to_vec(),
-        );
-        store.write(writes)?;
-        tracing::info!(
-            partition,
-            customers,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "members index rebuilt for the current definitions"
-        );
+        rebuild_members_index(partition, program, store)?;
     }
     let mut counts = Vec::with_capacity(program.segments.len());
     let mut counted = WriteSet::default();
@@ -955,6 +871,107 @@ fn open_members_index(
         );
         store.write(counted)?;
     }
+    Ok(counts)
+}
+
+/// Rebuilds a partition's members index (and its counts) from the stored states, for the
+/// current definitions: after a restore dropped it, or when the definitions changed. Written in
+/// chunks (a partition can hold millions of memberships); the version key comes last, so an
+/// interrupted rebuild simply starts over at the next open. Returns the members per segment.
+pub fn rebuild_members_index(
+    partition: u32,
+    program: &Program,
+    store: &RocksStore,
+) -> Result<Vec<i64>, WorkerError> {
+    let version_key = keys::members_version(partition);
+    let started = Instant::now();
+    let prefix = keys::partition_prefix(partition);
+    let mut writes = WriteSet::default();
+    writes.delete_range(
+        Table::Members,
+        prefix.clone(),
+        keys::partition_prefix(partition + 1),
+    );
+    let mut counts = vec![0_i64; program.segments.len()];
+    let mut write_failure = None;
+    let layout = crate::store::codec::StateLayout::of(program);
+    let mut old_layouts = HashMap::new();
+    let mut customers = 0;
+    let mut failure = None;
+    store.for_each_prefix(Table::Customers, &prefix, &mut |key, bytes| {
+        let Some(customer) = keys::parse_customer(key) else {
+            return true;
+        };
+        let state = match crate::engine::decode_stored(
+            store,
+            &layout,
+            &mut old_layouts,
+            partition,
+            customer,
+            bytes,
+        ) {
+            Ok(state) => state,
+            Err(error) => {
+                failure = Some(error);
+                return false;
+            }
+        };
+        customers += 1;
+        for ((segment, membership), count) in program
+            .segments
+            .iter()
+            .zip(&state.memberships)
+            .zip(&mut counts)
+        {
+            if membership.member {
+                *count += 1;
+                writes.put(
+                    Table::Members,
+                    keys::member(partition, &segment.id, customer),
+                    membership.since.to_be_bytes().to_vec(),
+                );
+            }
+        }
+        if writes.ops.len() >= REBUILD_CHUNK {
+            if let Err(error) = store.write(std::mem::take(&mut writes)) {
+                write_failure = Some(error);
+                return false;
+            }
+        }
+        true
+    })?;
+    if let Some(error) = failure {
+        return Err(error.into());
+    }
+    if let Some(error) = write_failure {
+        return Err(error.into());
+    }
+    // The counts and the version key come last, in one write.
+    let count_prefix = keys::members_count_prefix(partition);
+    let mut count_end = count_prefix.clone();
+    if let Some(last) = count_end.last_mut() {
+        *last += 1;
+    }
+    writes.delete_range(Table::Meta, count_prefix, count_end);
+    for (segment, count) in program.segments.iter().zip(&counts) {
+        writes.put(
+            Table::Meta,
+            keys::members_count(partition, &segment.id),
+            count.to_be_bytes().to_vec(),
+        );
+    }
+    writes.put(
+        Table::Meta,
+        version_key,
+        program.version.as_bytes().to_vec(),
+    );
+    store.write(writes)?;
+    tracing::info!(
+        partition,
+        customers,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "members index rebuilt for the current definitions"
+    );
     Ok(counts)
 }
 

@@ -1,5 +1,4 @@
-//! The parts of `bench_restore` beyond the restore itself: the members-index rebuild a worker
-//! does when it opens a restored partition, changelog bytes per input event of a real
+//! The parts of `bench_restore` beyond the restore itself: changelog bytes per input event of a real
 //! `segmenter run`, and the time from killing an owner to the survivor's first change.
 
 use std::collections::{HashMap, HashSet};
@@ -18,89 +17,11 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
 use segmenter::generate::{Generator, GeneratorConfig};
 use segmenter::pipeline::wall_clock_ms;
-use segmenter::rules::Program;
-use segmenter::store::codec::StateLayout;
-use segmenter::store::{keys, RocksStore, Store, Table, WriteSet};
 
 use super::bench::{free_port, key_of, metric_sum, scrape, start_service_as, stop, Service};
 
 /// Input partitions of the service runs.
 const PARTITIONS: i32 = 4;
-
-/// What `pipeline::worker::open_members_index` does for a partition whose index was dropped
-/// by a restore (that function is private to the worker): decode every stored state, write a
-/// member entry per segment it is in, then the counts and the version key. Returns the
-/// memberships written.
-pub fn rebuild_members_index(
-    partition: u32,
-    store: &RocksStore,
-    program: &Program,
-) -> anyhow::Result<u64> {
-    let prefix = keys::partition_prefix(partition);
-    let layout = StateLayout::of(program);
-    let mut old_layouts = HashMap::new();
-    let mut writes = WriteSet::default();
-    let mut counts = vec![0_i64; program.segments.len()];
-    let mut failure = None;
-    store.for_each_prefix(Table::Customers, &prefix, &mut |key, bytes| {
-        let Some(customer) = keys::parse_customer(key) else {
-            return true;
-        };
-        let state = match segmenter::engine::decode_stored(
-            store,
-            &layout,
-            &mut old_layouts,
-            partition,
-            customer,
-            bytes,
-        ) {
-            Ok(state) => state,
-            Err(error) => {
-                failure = Some(anyhow::Error::from(error));
-                return false;
-            }
-        };
-        for ((segment, membership), count) in program
-            .segments
-            .iter()
-            .zip(&state.memberships)
-            .zip(&mut counts)
-        {
-            if membership.member {
-                *count += 1;
-                writes.put(
-                    Table::Members,
-                    keys::member(partition, &segment.id, customer),
-                    membership.since.to_be_bytes().to_vec(),
-                );
-            }
-        }
-        if writes.ops.len() >= 50_000 {
-            if let Err(error) = store.write(std::mem::take(&mut writes)) {
-                failure = Some(error.into());
-                return false;
-            }
-        }
-        true
-    })?;
-    if let Some(error) = failure {
-        return Err(error);
-    }
-    for (segment, count) in program.segments.iter().zip(&counts) {
-        writes.put(
-            Table::Meta,
-            keys::members_count(partition, &segment.id),
-            count.to_be_bytes().to_vec(),
-        );
-    }
-    writes.put(
-        Table::Meta,
-        keys::members_version(partition),
-        program.version.as_bytes().to_vec(),
-    );
-    store.write(writes)?;
-    Ok(counts.iter().map(|c| *c as u64).sum())
-}
 
 fn create_topic(
     runtime: &tokio::runtime::Runtime,
