@@ -907,7 +907,15 @@ rule = 'last("Product Viewed") > last("Order Completed")'
         || (reader.poll_for(Duration::from_millis(100)) > 0).then_some(()),
         || service.log_tail(),
     );
-    while reader.poll_for(Duration::from_secs(2)) > 0 {}
+    // Everything consumed and published: offsets are committed only once a batch's changes
+    // (and changelog records) are acknowledged. (Waiting for the output to pause for 2 s was
+    // flaky: a pause is not the end.)
+    service::wait_committed(
+        &brokers,
+        &config.group_id,
+        &["clicks", "orders"],
+        &mut service,
+    );
     stop_gracefully(&mut service, Duration::from_secs(15));
     reader.read_to_end();
     let (got, _) = distinct_by_id(&reader.records);
