@@ -79,6 +79,14 @@ const HEARTBEAT_MS: &str = "500";
 /// How long the group may take to settle after a move.
 pub const SETTLE: Duration = Duration::from_secs(60);
 
+/// `SCALEOUT_KAFKA_DEBUG=cgrp` (any librdkafka `debug` contexts): every instance logs those
+/// librdkafka debug contexts, to see what the group coordinator answers when a run hangs.
+fn kafka_debug() -> Option<String> {
+    std::env::var("SCALEOUT_KAFKA_DEBUG")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 /// What one cluster run consumes.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -270,6 +278,9 @@ impl Cluster {
         );
         base.consumer
             .insert("heartbeat.interval.ms".into(), HEARTBEAT_MS.into());
+        if let Some(debug) = kafka_debug() {
+            base.consumer.insert("debug".into(), debug);
+        }
         let changelog_key = changelog_key(&mut base, &path, &changelog_topic);
         let oracle_config = base.write(&path.join("oracle.toml"));
 
@@ -384,7 +395,15 @@ impl Cluster {
         let mut config = self.base.clone();
         config.state_dir = state_dir.clone();
         let config_path = config.write(&self.path.join(format!("{name}.toml")));
-        let mut service = Service::start(&config_path, &self.path.join(format!("{name}.log")));
+        let log = self.path.join(format!("{name}.log"));
+        let mut service = match kafka_debug() {
+            Some(_) => Service::start_with_env(
+                &config_path,
+                &log,
+                &[("RUST_LOG", "info,librdkafka=debug")],
+            ),
+            None => Service::start(&config_path, &log),
+        };
         if !self.names.iter().any(|n| n == name) {
             self.names.push(name.to_string());
         }
