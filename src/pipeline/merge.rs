@@ -6,7 +6,10 @@
 //! it. Otherwise the others wait at most `max_wait` for it (a quiet topic must not stall a busy
 //! one) — ten times as long while catching up on messages more than
 //! `CATCH_UP_LAG` old, when the other topic's backlog is most likely just a fetch behind and
-//! latency matters less — and at most `max_buffered` messages are held.
+//! latency matters less — and at most `max_buffered` messages are held, each topic at most its
+//! share of them: a backlog on one topic must not fill the buffer before the other topic's first
+//! fetch has answered, or that topic could not be read in until the wait ran out and the whole
+//! backlog went out unmerged.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -64,6 +67,18 @@ impl Merger {
     /// How many more messages may be pushed before the bound forces them out unordered.
     pub fn capacity(&self) -> usize {
         self.max_buffered.saturating_sub(self.buffered)
+    }
+
+    /// How many more messages of `topic` may be pushed: what is left of its share of the bound
+    /// (an equal part per configured topic, so every topic can always be read in).
+    pub fn capacity_for(&self, topic: &str) -> usize {
+        let share = (self.max_buffered / self.queues.len().max(1)).max(1);
+        let held = self
+            .queues
+            .iter()
+            .find(|(t, _)| t.as_str() == topic)
+            .map_or(0, |(_, q)| q.len());
+        share.saturating_sub(held).min(self.capacity())
     }
 
     /// The messages that can be applied now, in order. `flush` takes everything (shutdown).
@@ -281,6 +296,33 @@ mod tests {
                 .ready(start + Duration::from_millis(50), LIVE, false)
                 .len(),
             1
+        );
+    }
+
+    /// The stop-16 CI failure: a 4000-message backlog on `clicks` arrived one fetch before
+    /// `orders`' and filled the whole buffer, so `orders` could not be read in, the wait ran
+    /// out and every click went out before the first order.
+    #[test]
+    fn a_backlog_on_one_topic_leaves_room_for_the_others() {
+        let mut merger = Merger::new(
+            &["clicks".into(), "orders".into()],
+            Duration::from_secs(60),
+            4,
+        );
+        let start = Instant::now();
+        assert_eq!(merger.capacity_for("clicks"), 2);
+        merger.push((0..2).map(|i| message("clicks", i, 10 + i)), start);
+        assert_eq!(merger.capacity_for("clicks"), 0, "clicks used its share");
+        assert_eq!(merger.capacity_for("orders"), 2, "orders can still come in");
+        assert!(
+            merger.ready(start, LIVE, false).is_empty(),
+            "waits for orders"
+        );
+        merger.push(vec![message("orders", 0, 5)], start);
+        assert_eq!(
+            order(merger.ready(start, LIVE, false)),
+            vec![("orders".into(), 0)],
+            "the earlier order first, then waits for the next order"
         );
     }
 

@@ -608,18 +608,20 @@ impl Worker {
     }
 
     /// Moves already-fetched messages from the input queues into the merge without waiting: up
-    /// to a batch per topic, never more than the merge buffer can hold. Returns how many.
+    /// to a batch per topic, never more than the topic's share of the merge buffer. Returns how
+    /// many.
     fn poll_inputs(&mut self) -> usize {
-        let mut room = self.merger.capacity();
         let mut polled = 0;
         for input in &mut self.inputs {
             // Up to a batch from each topic, so the merge has every topic's next messages.
-            let max = room.min(self.shared.pipeline.batch_size);
+            let max = self
+                .merger
+                .capacity_for(&input.topic)
+                .min(self.shared.pipeline.batch_size);
             let taken = input.poll_into(max, &mut self.intake);
-            room -= taken;
             polled += taken;
+            self.merger.push(self.intake.drain(..), Instant::now());
         }
-        self.merger.push(self.intake.drain(..), Instant::now());
         polled
     }
 
