@@ -5,8 +5,9 @@
 //!    layout record, N customer records, one checkpoint — or a checkpoint every
 //!    `--checkpoint-every` customers, the uncompacted shape), then `bring_up_to_date` into a
 //!    fresh RocksDB state dir: records/s, MB/s of record bytes (key + value), read + apply vs
-//!    the final writes and timer rebuild, and then the members-index rebuild the worker does
-//!    when it opens the partition (re-implemented here: the worker's is private);
+//!    the final writes, and then what the worker does with the members index when it opens the
+//!    partition (`members_at_open`: nothing when the restore kept it); afterwards a rescan
+//!    checks the kept indexes;
 //! 2. **changelog bytes per input event**: `segmenter run` (event clock, every segment) over K
 //!    generated events (default 200,000), then every changelog record it wrote (key + value,
 //!    before any compaction) divided by the events consumed;

@@ -1,7 +1,7 @@
 //! Bringing a newly assigned partition's local copy up to its changelog before its worker
 //! starts: decide what is missing ([`changelog::plan`]), read only that, write it in batches
-//! with the progress (so a rebalance or crash in the middle continues, never starts over), and
-//! rebuild the timers of the restored states. Runs on the partition's own thread; the partition
+//! with the progress (so a rebalance or crash in the middle continues, never starts over), with
+//! the timers and the members index kept in step in the same writes ([`Indexer`]). Runs on the partition's own thread; the partition
 //! is paused on the consumer meanwhile and `/readyz` reports the progress.
 //!
 //! Kafka stays behind [`ChangelogSource`] (`kafka::changelog` in the service).
@@ -329,15 +329,16 @@ impl<'a> Indexer<'a> {
         if !self.timers {
             return Ok(());
         }
-        let new = match state {
-            Some(bytes) => Some(codec::decode_index_fields(bytes).map_err(|error| {
-                RestoreError::Corrupt {
-                    offset,
-                    reason: format!("customer {id}: {}", error.0),
-                }
-            })?),
-            None => None,
-        };
+        let new =
+            match state {
+                Some(bytes) => Some(codec::decode_index_fields(bytes).map_err(|error| {
+                    RestoreError::Corrupt {
+                        offset,
+                        reason: format!("customer {id}: {}", error.0),
+                    }
+                })?),
+                None => None,
+            };
         let old = self.old(store, id)?;
         let (old_timer, new_timer) = (
             old.as_ref().and_then(|f| f.timer),
@@ -409,9 +410,11 @@ impl<'a> Indexer<'a> {
             }
         }
         match store.get(Table::Customers, &keys::customer(self.p, id))? {
-            Some(bytes) => codec::decode_index_fields(&bytes).map(Some).map_err(|error| {
-                RestoreError::Local(format!("stored state of customer {id}: {}", error.0))
-            }),
+            Some(bytes) => codec::decode_index_fields(&bytes)
+                .map(Some)
+                .map_err(|error| {
+                    RestoreError::Local(format!("stored state of customer {id}: {}", error.0))
+                }),
             None => Ok(None),
         }
     }

@@ -310,13 +310,18 @@ fn assert_indexes_match_states(store: &MemoryStore, program: &Program) -> Vec<i6
     let mut members = Vec::new();
     let mut counts = vec![0i64; program.segments.len()];
     for (key, bytes) in store.scan_prefix(Table::Customers, &prefix).expect("scan") {
-        let id = keys::parse_customer(&key).expect("customer key").to_string();
+        let id = keys::parse_customer(&key)
+            .expect("customer key")
+            .to_string();
         let state = codec::decode(&bytes, &layout, &layout).expect("state");
         if let Some(due) = state.timer {
             timers.push(keys::timer(0, due, &id));
         }
-        for ((segment, membership), count) in
-            program.segments.iter().zip(&state.memberships).zip(&mut counts)
+        for ((segment, membership), count) in program
+            .segments
+            .iter()
+            .zip(&state.memberships)
+            .zip(&mut counts)
         {
             if membership.member {
                 members.push((
@@ -391,7 +396,10 @@ fn member_and_not(program: &Arc<Program>) -> (Vec<u8>, Vec<u8>) {
 fn a_restore_indexes_timers_and_members_as_it_writes() {
     let program = Arc::new(crate::rules::compile_rules(&[
         ("two", "count(\"Order Completed\") >= 2"),
-        ("any", "count(\"Order Completed\") >= 1 and since(last(\"Order Completed\")) < 30d"),
+        (
+            "any",
+            "count(\"Order Completed\") >= 1 and since(last(\"Order Completed\")) < 30d",
+        ),
     ]));
     let (member, not) = member_and_not(&program);
     let mut records = vec![
