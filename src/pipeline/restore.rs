@@ -57,8 +57,10 @@ pub enum RestoreError {
     Interrupted,
 }
 
-/// Records written per batch.
-const BATCH: usize = 100_000;
+/// Records written per batch: ~14 MB of states plus their index entries, under RocksDB's
+/// 32 MiB write buffer (100,000 states, ~57 MB, switched memtables within every write;
+/// bench_restore: 17–21 s → 11.1–11.6 s for 1 M customers).
+const BATCH: usize = 25_000;
 
 /// What a restore did.
 #[derive(Debug, Clone, PartialEq, Eq)]
