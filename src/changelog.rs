@@ -299,6 +299,10 @@ pub struct Restore {
     pub ahead: BTreeMap<String, Offsets>,
     /// Records applied so far.
     pub records: u64,
+    /// The timer and members indexes are kept in step with the states as they are written
+    /// (`pipeline::restore`); a progress record from before that (false) has its timers
+    /// rebuilt by a scan at the end and its members index dropped.
+    pub indexed: bool,
 }
 
 impl Restore {
@@ -307,6 +311,7 @@ impl Restore {
             start_offset: from,
             next_offset: from,
             end_offset: to,
+            indexed: true,
             ..Restore::default()
         }
     }
@@ -320,7 +325,19 @@ impl Restore {
         value: Option<&[u8]>,
         writes: &mut WriteSet,
     ) -> Result<(), CorruptValue> {
-        match parse(key, value)? {
+        self.apply_record(partition, offset, parse(key, value)?, writes);
+        Ok(())
+    }
+
+    /// [`Restore::apply`] of a record already parsed.
+    pub fn apply_record(
+        &mut self,
+        partition: u32,
+        offset: i64,
+        record: Record<'_>,
+        writes: &mut WriteSet,
+    ) {
+        match record {
             Record::Customer { id, value } => {
                 let local = keys::customer(partition, id);
                 match value {
@@ -345,7 +362,6 @@ impl Restore {
         }
         self.records += 1;
         self.next_offset = self.next_offset.max(offset + 1);
-        Ok(())
     }
 
     /// The progress record to store with a batch of writes. The customers ahead of the last
@@ -367,6 +383,7 @@ impl Restore {
                 checkpoint: self.checkpoint.clone(),
                 ahead: BTreeMap::new(),
                 records: self.records,
+                indexed: self.indexed,
             })
         };
         writes.put(
@@ -377,8 +394,8 @@ impl Restore {
     }
 
     /// The final writes: the clock and input offsets of the last checkpoint, the skip marks of
-    /// the customers ahead of it, the changelog position, the end of the progress record and of
-    /// the derived members index (rebuilt from the restored states when the partition opens).
+    /// the customers ahead of it, the changelog position and the end of the progress record.
+    /// (The derived indexes are the caller's: `pipeline::restore` keeps them in step.)
     pub fn finish(self, partition: u32, writes: &mut WriteSet) {
         let p = partition;
         if let Some(checkpoint) = &self.checkpoint {
@@ -430,7 +447,6 @@ impl Restore {
             self.end_offset.max(self.next_offset).to_be_bytes().to_vec(),
         );
         writes.delete(Table::Meta, keys::restore(p));
-        writes.delete(Table::Meta, keys::members_version(p));
     }
 }
 

@@ -833,7 +833,16 @@ fn open_members_index(
     shared: &Shared,
     store: &RocksStore,
 ) -> Result<Vec<i64>, WorkerError> {
-    let program = &shared.program;
+    members_at_open(partition, &shared.program, store)
+}
+
+/// What [`open_members_index`] does, for `program` (public for `bench_restore`, which times a
+/// partition's opening after a restore).
+pub fn members_at_open(
+    partition: u32,
+    program: &Program,
+    store: &RocksStore,
+) -> Result<Vec<i64>, WorkerError> {
     let version_key = keys::members_version(partition);
     let built_for = store.get(Table::Meta, &version_key)?;
     if built_for.as_deref() != Some(program.version.as_bytes()) {

@@ -248,6 +248,40 @@ fn reslot(raw: CustomerState, stored: &StateLayout, current: &StateLayout) -> Cu
     }
 }
 
+/// What the derived indexes (timers, members) need of an encoded state: its layout, its due
+/// time and which of its membership slots are members since when. Read from the head of the
+/// value (the memberships follow the timer), so indexing a state costs a few varints, not a
+/// decode — a restore indexes every state it writes with this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexFields {
+    pub layout_id: u64,
+    pub timer: Option<i64>,
+    /// Per membership slot (in the stored layout's order): `Some(since)` for a member.
+    pub members: Vec<Option<i64>>,
+}
+
+/// The [`IndexFields`] of an encoded state.
+pub fn decode_index_fields(bytes: &[u8]) -> Result<IndexFields, DecodeStateError> {
+    let layout_id = layout_id(bytes)?;
+    let mut reader = Reader { bytes, pos: 9 };
+    let timer = reader.opt_time()?;
+    reader.opt_time()?;
+    let slots = reader.len()?;
+    let mut members = Vec::with_capacity(slots);
+    for _ in 0..slots {
+        let packed = reader.varint()?;
+        let seq = packed >> 1;
+        let since = if seq > 0 { reader.varint()? as i64 } else { 0 };
+        reader.opt_time()?;
+        members.push((packed & 1 == 1).then_some(since));
+    }
+    Ok(IndexFields {
+        layout_id,
+        timer,
+        members,
+    })
+}
+
 fn decode_raw(bytes: &[u8]) -> Result<CustomerState, DecodeStateError> {
     layout_id(bytes)?;
     let mut reader = Reader { bytes, pos: 9 };
@@ -493,6 +527,15 @@ mod tests {
                 if total.values == 0 { total.sum = 0.0; total.min = 0.0; total.max = 0.0; }
             }
             prop_assert_eq!(decode(&bytes, &layout, &layout).expect("decodes"), expected);
+            let fields = decode_index_fields(&bytes).expect("head decodes");
+            prop_assert_eq!(fields.layout_id, layout.id);
+            prop_assert_eq!(fields.timer, state.timer);
+            let members: Vec<Option<i64>> = state
+                .memberships
+                .iter()
+                .map(|m| m.member.then_some(m.since))
+                .collect();
+            prop_assert_eq!(fields.members, members);
         }
 
         #[test]

@@ -301,3 +301,165 @@ fn a_copy_ahead_of_the_changelog_is_kept_unless_another_owner_wrote_after_it() {
         "the stale outbox went with the copy"
     );
 }
+
+/// The timers and members index (entries and counts) a rescan of the stored states gives.
+fn assert_indexes_match_states(store: &MemoryStore, program: &Program) -> Vec<i64> {
+    let layout = StateLayout::of(program);
+    let prefix = keys::partition_prefix(0);
+    let mut timers = Vec::new();
+    let mut members = Vec::new();
+    let mut counts = vec![0i64; program.segments.len()];
+    for (key, bytes) in store.scan_prefix(Table::Customers, &prefix).expect("scan") {
+        let id = keys::parse_customer(&key)
+            .expect("customer key")
+            .to_string();
+        let state = codec::decode(&bytes, &layout, &layout).expect("state");
+        if let Some(due) = state.timer {
+            timers.push(keys::timer(0, due, &id));
+        }
+        for ((segment, membership), count) in program
+            .segments
+            .iter()
+            .zip(&state.memberships)
+            .zip(&mut counts)
+        {
+            if membership.member {
+                members.push((
+                    keys::member(0, &segment.id, &id),
+                    membership.since.to_be_bytes().to_vec(),
+                ));
+                *count += 1;
+            }
+        }
+    }
+    timers.sort();
+    members.sort();
+    let stored_timers: Vec<_> = store
+        .scan_prefix(Table::Timers, &prefix)
+        .expect("scan")
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    assert_eq!(stored_timers, timers, "timers");
+    assert_eq!(
+        store.scan_prefix(Table::Members, &prefix).expect("scan"),
+        members,
+        "members index"
+    );
+    let stored_counts: Vec<i64> = program
+        .segments
+        .iter()
+        .map(|segment| {
+            let bytes = store
+                .get(Table::Meta, &keys::members_count(0, &segment.id))
+                .expect("read")
+                .expect("a stored count");
+            codec::decode_i64(&bytes).expect("count")
+        })
+        .collect();
+    assert_eq!(stored_counts, counts, "member counts");
+    assert_eq!(
+        store
+            .get(Table::Meta, &keys::members_version(0))
+            .expect("read"),
+        Some(program.version.as_bytes().to_vec()),
+        "the index is marked built for these definitions (the worker does not rebuild it)"
+    );
+    counts
+}
+
+/// A member state (two orders) and a non-member one (one order), with their due times.
+fn member_and_not(program: &Arc<Program>) -> (Vec<u8>, Vec<u8>) {
+    let states = states_of(
+        program,
+        &[
+            event("m", 1_000, "e1"),
+            event("m", 2_000, "e2"),
+            event("n", 3_000, "e3"),
+        ],
+    );
+    let get = |id: &str| {
+        states
+            .iter()
+            .find(|(customer, _)| customer == id)
+            .map(|(_, state)| state.clone())
+            .expect("state")
+    };
+    (get("m"), get("n"))
+}
+
+/// A restore keeps the timers and the members index (and its counts) in step with the states
+/// it writes, in one pass: a customer written twice (the older record indexed, then replaced),
+/// an erased one, and a tail restore that moves customers in and out of a segment adjusts the
+/// counts by each customer's old and new membership.
+#[test]
+fn a_restore_indexes_timers_and_members_as_it_writes() {
+    let program = Arc::new(crate::rules::compile_rules(&[
+        ("two", "count(\"Order Completed\") >= 2"),
+        (
+            "any",
+            "count(\"Order Completed\") >= 1 and since(last(\"Order Completed\")) < 30d",
+        ),
+    ]));
+    let (member, not) = member_and_not(&program);
+    let mut records = vec![
+        customer("a", &member, 1, OTHER),
+        customer("b", &member, 2, OTHER),
+        customer("c", &not, 3, OTHER),
+        // Uncompacted: a again, now out of "two"; d written then erased.
+        customer("a", &not, 4, OTHER),
+        customer("d", &member, 5, OTHER),
+        (changelog::customer_key("d"), None, OTHER),
+        checkpoint(3_000, 6, OTHER),
+    ];
+    let source = VecSource::new(records.clone());
+    let store = MemoryStore::default();
+    bring_up_to_date(0, &store, &source, &ME, &program, &|| false, &no_progress)
+        .expect("restore")
+        .expect("restored");
+    assert_eq!(assert_indexes_match_states(&store, &program), vec![1, 3]);
+
+    // Another owner went on: c joins "two", b leaves it, a is erased, e is new.
+    records.extend([
+        customer("c", &member, 7, OTHER),
+        customer("b", &not, 8, OTHER),
+        (changelog::customer_key("a"), None, OTHER),
+        customer("e", &member, 9, OTHER),
+        checkpoint(4_000, 10, OTHER),
+    ]);
+    let source = VecSource::new(records);
+    let restored = bring_up_to_date(0, &store, &source, &ME, &program, &|| false, &no_progress)
+        .expect("restore")
+        .expect("restored");
+    assert_eq!(restored.plan, Plan::Tail { from: 7, to: 12 });
+    assert_eq!(assert_indexes_match_states(&store, &program), vec![2, 3]);
+}
+
+/// An interrupted restore leaves its indexes consistent with what it wrote, and the
+/// continuation (which reads its old states from the store) ends with exact counts.
+#[test]
+fn an_interrupted_restore_keeps_its_indexes_exact() {
+    let program = Arc::new(crate::rules::compile_rules(&[(
+        "two",
+        "count(\"Order Completed\") >= 2",
+    )]));
+    let (member, not) = member_and_not(&program);
+    let records = vec![
+        customer("a", &member, 1, OTHER),
+        customer("b", &member, 2, OTHER),
+        customer("a", &not, 3, OTHER),
+        customer("c", &member, 4, OTHER),
+        checkpoint(3_000, 5, OTHER),
+    ];
+    let source = VecSource::new(records);
+    source.stop_after.set(Some(2));
+    let store = MemoryStore::default();
+    let first = bring_up_to_date(0, &store, &source, &ME, &program, &|| false, &no_progress);
+    assert!(matches!(first, Err(RestoreError::Interrupted)), "{first:?}");
+    assert_eq!(assert_indexes_match_states(&store, &program), vec![2]);
+    source.stop_after.set(None);
+    bring_up_to_date(0, &store, &source, &ME, &program, &|| false, &no_progress)
+        .expect("restore")
+        .expect("restored");
+    assert_eq!(assert_indexes_match_states(&store, &program), vec![2]);
+}
