@@ -124,9 +124,27 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
             topics.changelog
         );
     }
+    if settings.kafka.guarantee == crate::settings::Guarantee::ExactlyOnce {
+        // Refuse to run without transactions rather than fall back silently.
+        let kafka_settings = settings.kafka.clone();
+        tokio::task::spawn_blocking(move || {
+            kafka::txn::probe(&kafka_settings, Duration::from_secs(30))
+        })
+        .await
+        .context("the transactions probe")??;
+        if !settings.kafka.read_committed {
+            tracing::warn!(
+                "exactly-once with processing.isolation = \"read_uncommitted\": aborted \
+                 transactions' records are read back (only for a broker without the last stable \
+                 offset, such as tansu 0.6.0, which shows them to every reader anyway)"
+            );
+        }
+    }
     tracing::info!(
         input = ?settings.input.topics,
         partitions,
+        guarantee = ?settings.kafka.guarantee,
+        read_committed = settings.kafka.read_committed,
         segments = settings.program.segments.len(),
         definitions = %settings.program.version,
         "segmenter running"

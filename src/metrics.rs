@@ -91,6 +91,8 @@ pub struct Metrics {
     pub outbox_pending: IntGaugeVec,
     pub published: IntCounterVec,
     pub publish_errors: IntCounterVec,
+    /// Exactly-once mode: Kafka transactions by outcome.
+    pub transactions: IntCounterVec,
     pub rebalances: IntCounterVec,
     pub restore_seconds: Histogram,
     pub restore_records: IntCounter,
@@ -199,6 +201,15 @@ impl Metrics {
                 "Output records acknowledged by Kafka, by output (changes, membership, dlq).",
                 &["output"],
             ),
+            transactions: counter_vec(
+                "segmenter_transactions_total",
+                "Exactly-once mode: Kafka transactions by outcome: committed, aborted (the \
+                 broker asked for an abort; the same records were sent again in a new one), \
+                 unknown (the producer failed during a commit and was re-created; the group's \
+                 committed offsets decided whether to send the batch again), fenced (another \
+                 instance owns the partition; its worker stopped).",
+                &["outcome"],
+            ),
             publish_errors: counter_vec(
                 "segmenter_publish_errors_total",
                 "Producer errors: transport (a broker unreachable or a connection lost; \
@@ -276,6 +287,9 @@ impl Metrics {
         for kind in ["transport", "producer_reset", "fatal"] {
             metrics.publish_errors.with_label_values(&[kind]);
         }
+        for outcome in ["committed", "aborted", "unknown", "fenced"] {
+            metrics.transactions.with_label_values(&[outcome]);
+        }
         for kind in ["no_space", "read_only", "io"] {
             metrics.state_write_errors.with_label_values(&[kind]);
         }
@@ -299,6 +313,7 @@ impl Metrics {
             Box::new(self.outbox_pending.clone()),
             Box::new(self.published.clone()),
             Box::new(self.publish_errors.clone()),
+            Box::new(self.transactions.clone()),
             Box::new(self.rebalances.clone()),
             Box::new(self.restore_seconds.clone()),
             Box::new(self.restore_records.clone()),

@@ -16,7 +16,12 @@
 //! ```text
 //! cargo run --release --bin bench_kafka -- [--events N] [--customers N] [--load-fraction F]
 //!     [--load-seconds S] [--brokers HOST:PORT] [--throughput-only] [--only-broker RATE]
+//!     [--guarantee at_least_once|exactly_once]
 //! ```
+//!
+//! `--guarantee` sets the service's `processing.guarantee` (through its environment override
+//! `SEGMENTER__PROCESSING__GUARANTEE`); with `exactly_once` the run also reports how many
+//! transactions committed and their mean interval.
 
 #[path = "support/bench.rs"]
 mod bench;
@@ -52,6 +57,8 @@ struct Args {
     only_broker: Option<f64>,
     /// `--throughput-only`: stop after the service's throughput run.
     throughput_only: bool,
+    /// `--guarantee`: the service's `processing.guarantee`.
+    guarantee: String,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -63,6 +70,7 @@ fn parse_args() -> anyhow::Result<Args> {
         brokers: None,
         only_broker: None,
         throughput_only: false,
+        guarantee: "at_least_once".into(),
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
@@ -80,6 +88,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--load-seconds" => args.load_seconds = value.parse()?,
             "--brokers" => args.brokers = Some(value),
             "--only-broker" => args.only_broker = Some(value.parse()?),
+            "--guarantee" => match value.as_str() {
+                "at_least_once" | "exactly_once" => args.guarantee = value,
+                other => bail!("--guarantee {other:?}: use at_least_once or exactly_once"),
+            },
             other => bail!("unknown flag {other}"),
         }
     }
@@ -206,6 +218,9 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    // Read by every `segmenter run` child (environment overrides of the config file).
+    std::env::set_var("SEGMENTER__PROCESSING__GUARANTEE", &args.guarantee);
+    println!("processing.guarantee = {}", args.guarantee);
     let broker = match &args.brokers {
         Some(_) => None,
         None => Some(tansu::Tansu::start().context("starting tansu (scripts/install-tansu.sh)")?),
@@ -266,6 +281,18 @@ fn main() -> anyhow::Result<()> {
     let port = free_port()?;
     let child = start_service(&brokers, work.path(), "bench-a", INPUT, "bench-a", port)?;
     let run = wait_for_service(port, args.events, Duration::from_secs(900));
+    let transactions = scrape(port)
+        .map(|text| {
+            text.lines()
+                .filter_map(|line| {
+                    line.strip_prefix("segmenter_transactions_total{outcome=\"committed\"}")?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .sum::<f64>()
+        })
+        .unwrap_or(0.0);
     let cpu = cpu_seconds(child.id());
     let peak_rss = peak_rss_bytes(child.id());
     stop(child);
@@ -284,6 +311,12 @@ fn main() -> anyhow::Result<()> {
             faults / args.events as f64
         )),
     );
+    if transactions > 0.0 {
+        println!(
+            "transactions: {transactions:.0} ({:.1} ms apart on average over the run)",
+            run.seconds * 1000.0 / transactions
+        );
+    }
     if let Some(bytes) = peak_rss {
         println!(
             "service peak RSS {:.0} MiB for {} customers (all cached: engine.max_cached_customers is 200,000; RocksDB block cache 128 MiB)",

@@ -6,6 +6,13 @@
 //! The end offset itself is read, not trusted: tansu 0.6.0 reports the start of a partition's
 //! last batch as its high watermark (seen by `bench_restore`: 19,144 for 20,002 records), so the
 //! last batch — often holding the last checkpoint — would be missed.
+//!
+//! In exactly-once mode records are read `read_committed`, but the end is asked for
+//! `read_uncommitted`: the restore runs after this instance's transactional producer has fenced
+//! the partition's previous owner (so no transaction is open on it and the stable end is the
+//! end), and tansu 0.6.0 answers a `read_committed` ListOffsets with 0 for a partition whose
+//! last transaction was aborted by that fencing — which read as an empty changelog. An end of
+//! partition reported before the end offset is not taken as the end either.
 
 use std::time::Duration;
 
@@ -42,6 +49,9 @@ impl ConsumerContext for ReaderContext {}
 
 pub struct ChangelogReader {
     consumer: BaseConsumer<ReaderContext>,
+    /// Asks for the end offsets, `read_uncommitted` (see the module doc); `None` when the
+    /// reader itself reads uncommitted.
+    ends: Option<BaseConsumer<ReaderContext>>,
     topic: String,
     timeout: Duration,
 }
@@ -67,21 +77,47 @@ impl ChangelogReader {
             .set("fetch.max.bytes", "52428800")
             .set("max.partition.fetch.bytes", "16777216")
             .set("queued.max.messages.kbytes", "65536");
+        let mut ends = None;
+        config.set("isolation.level", "read_uncommitted");
+        if settings.read_committed {
+            ends = Some(
+                config
+                    .create_with_context(ReaderContext)
+                    .map_err(client("creating the changelog end reader"))?,
+            );
+            // Aborted transactions' changelog records are not state (on a broker that hides
+            // them).
+            config.set("isolation.level", "read_committed");
+        }
         let consumer: BaseConsumer<ReaderContext> = config
             .create_with_context(ReaderContext)
             .map_err(client("creating the changelog reader"))?;
         Ok(ChangelogReader {
             consumer,
+            ends,
             topic: topic.to_string(),
             timeout,
         })
     }
 }
 
+impl ChangelogReader {
+    /// The next offset this reader will read of `partition`, once known.
+    fn position(&self, partition: i32) -> Option<i64> {
+        let list = self.consumer.position().ok()?;
+        match list.find_partition(&self.topic, partition)?.offset() {
+            Offset::Offset(at) => Some(at),
+            _ => None,
+        }
+    }
+}
+
 impl ChangelogSource for ChangelogReader {
     fn watermarks(&self, partition: i32) -> Result<(i64, i64), String> {
         let (low, high) = self
-            .consumer
+            .ends
+            .as_ref()
+            .unwrap_or(&self.consumer)
             .fetch_watermarks(&self.topic, partition, self.timeout)
             .map_err(|e| format!("reading the end offsets of {}/{partition}: {e}", self.topic))?;
         if high <= low {
@@ -148,8 +184,14 @@ impl ChangelogSource for ChangelogReader {
                         writer,
                     })?;
                 }
-                // Everything the broker has, which is at least `until`.
-                Some(Err(KafkaError::PartitionEOF(_))) => break Ok(true),
+                // Everything the broker has, which is at least `until` — unless the end
+                // came before it (a `read_committed` end held back or misreported), when
+                // reading goes on.
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    if self.position(partition).is_none_or(|at| at >= until) {
+                        break Ok(true);
+                    }
+                }
                 Some(Err(error)) => {
                     tracing::warn!(topic = %self.topic, partition, %error, "changelog read error; retrying");
                 }

@@ -358,6 +358,8 @@ mod tests {
             consumer: Default::default(),
             producer: Default::default(),
             secrets: Vec::new(),
+            guarantee: Default::default(),
+            read_committed: false,
         };
         let health = ClientHealth::new(&settings);
         assert_eq!(health.problem(), None);

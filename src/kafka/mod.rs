@@ -24,6 +24,7 @@ pub mod changelog;
 pub mod consumer;
 pub mod health;
 pub mod sink;
+pub mod txn;
 
 pub use health::ClientHealth;
 
@@ -123,6 +124,15 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
         ],
     );
     config.set("group.id", &settings.group_id);
+    // `processing.isolation` wins over a pass-through `isolation.level`: exactly-once rests on it.
+    config.set(
+        "isolation.level",
+        if settings.read_committed {
+            "read_committed"
+        } else {
+            "read_uncommitted"
+        },
+    );
     if let Some(instance) = &settings.instance_id {
         config.set("group.instance.id", instance);
     }
@@ -598,6 +608,8 @@ mod tests {
             consumer: map(consumer),
             producer: map(producer),
             secrets: Vec::new(),
+            guarantee: Default::default(),
+            read_committed: false,
         }
     }
 
@@ -617,6 +629,7 @@ mod tests {
             "a full prefetch queue is checked again soon, not after librdkafka's 1 s"
         );
         assert_eq!(config.get("group.id"), Some("g"), "kafka.group_id decides");
+        assert_eq!(config.get("isolation.level"), Some("read_uncommitted"));
         assert_eq!(config.get("group.instance.id"), Some("pod-1"));
 
         let config = producer_config(&settings(&[], &[("linger.ms", "0"), ("acks", "1")]));

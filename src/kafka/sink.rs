@@ -5,9 +5,71 @@
 
 use std::sync::Arc;
 
+use super::txn::TxnSink;
 use super::{is_fatal, send, AckBoard, Enqueued, Producer, Publisher};
 use crate::outbox::Publish;
-use crate::pipeline::relay::{Ack, RecordSink, SinkError};
+use crate::pipeline::relay::{Ack, Committed, RecordSink, SinkError, Witness};
+
+/// A partition's sink in either guarantee: the shared idempotent producer (at-least-once) or
+/// the partition's own transactional producer (exactly-once, `kafka::txn`).
+pub enum PartitionSink {
+    Shared(KafkaSink),
+    Transactional(Box<TxnSink>),
+}
+
+impl RecordSink for PartitionSink {
+    fn send(
+        &mut self,
+        seq: u64,
+        part: u8,
+        record: Publish<'_>,
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<bool, SinkError> {
+        match self {
+            PartitionSink::Shared(sink) => sink.send(seq, part, record, give_up),
+            PartitionSink::Transactional(sink) => sink.send(seq, part, record, give_up),
+        }
+    }
+
+    fn take_acks(&mut self) -> Vec<Ack> {
+        match self {
+            PartitionSink::Shared(sink) => sink.take_acks(),
+            PartitionSink::Transactional(sink) => sink.take_acks(),
+        }
+    }
+
+    fn renewed(&mut self) -> Result<bool, SinkError> {
+        match self {
+            PartitionSink::Shared(sink) => sink.renewed(),
+            PartitionSink::Transactional(sink) => sink.renewed(),
+        }
+    }
+
+    fn transactional(&self) -> bool {
+        matches!(self, PartitionSink::Transactional(_))
+    }
+
+    fn begin(&mut self) -> Result<(), SinkError> {
+        match self {
+            PartitionSink::Shared(sink) => sink.begin(),
+            PartitionSink::Transactional(sink) => sink.begin(),
+        }
+    }
+
+    fn commit(&mut self, offsets: &[(String, i64)], witness: Witness) -> Result<(), SinkError> {
+        match self {
+            PartitionSink::Shared(sink) => sink.commit(offsets, witness),
+            PartitionSink::Transactional(sink) => sink.commit(offsets, witness),
+        }
+    }
+
+    fn committed(&mut self) -> Result<Committed, SinkError> {
+        match self {
+            PartitionSink::Shared(sink) => sink.committed(),
+            PartitionSink::Transactional(sink) => sink.committed(),
+        }
+    }
+}
 
 pub struct KafkaSink {
     partition: i32,

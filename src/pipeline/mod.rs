@@ -228,6 +228,16 @@ fn start_partition(
 ) {
     let stop = || stop_at.get().is_some();
     let started = Instant::now();
+    // First the sink: in exactly-once mode this fences the previous owner (see `open_sink`).
+    let sink = match Worker::open_sink(partition, &shared, &stop_at) {
+        Ok(sink) => sink,
+        Err(error) => {
+            if !stop() {
+                shared.fail(format!("opening partition {partition}: {error}"));
+            }
+            return;
+        }
+    };
     loop {
         match restore_partition(partition, &shared, &stop) {
             Ok(()) => break,
@@ -277,7 +287,7 @@ fn start_partition(
             return;
         }
     }
-    let worker = match Worker::open(partition, shared.clone(), inputs, stop_at.clone()) {
+    let worker = match Worker::open(partition, shared.clone(), inputs, sink, stop_at.clone()) {
         Ok(worker) => worker,
         Err(error) => {
             shared.fail(format!("opening partition {partition}: {error}"));

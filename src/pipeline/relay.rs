@@ -4,6 +4,14 @@
 //! non-barrier entry is acknowledged, so the changelog never holds a customer state whose
 //! changes Kafka has not taken (a new owner restoring it would otherwise skip re-deriving them).
 //!
+//! In the exactly-once mode (a [`RecordSink::transactional`] sink) there are no barriers: each
+//! batch's entries go out in one Kafka transaction together with the input offsets they reach
+//! (and the outbox position, the *witness*), committed before the next batch is decided. The
+//! outbox then only ever holds the entries of the one transaction whose outcome is open, and
+//! [`Relay::recover`] settles it after a crash: the group's committed offsets say whether it
+//! committed (the entries are dropped) or not (the same entries, same ids and `seq`, go out in a
+//! new transaction). A commit whose outcome is unknown is retried, never aborted.
+//!
 //! Kafka stays behind [`RecordSink`] (implemented for the service's producer in
 //! `kafka::sink`), so the ordering, barrier and commit-point rules are unit-tested here without a
 //! broker.
@@ -34,6 +42,16 @@ pub enum SinkError {
     /// ([`RecordSink::renewed`]).
     #[error("the producer failed as a whole")]
     Fatal,
+    /// The open transaction was aborted (the broker asked for it): send its records again.
+    #[error("the transaction was aborted")]
+    Aborted,
+    /// The producer failed during a commit and was re-created (which aborted the transaction
+    /// if it was still open): whether it committed is read from [`RecordSink::committed`].
+    #[error("the transaction's outcome is unknown")]
+    Unknown,
+    /// Another producer with this partition's transactional id took over.
+    #[error("fenced: another instance owns this partition")]
+    Fenced,
     #[error("{0}")]
     Other(String),
 }
@@ -57,6 +75,88 @@ pub trait RecordSink {
     /// Replaces a producer that failed as a whole; true when it was replaced since the last
     /// call, so everything unacknowledged must be handed to the new one.
     fn renewed(&mut self) -> Result<bool, SinkError>;
+
+    /// Exactly-once mode: records go out in transactions ([`RecordSink::begin`],
+    /// [`RecordSink::commit`]).
+    fn transactional(&self) -> bool {
+        false
+    }
+
+    /// Opens a transaction for the records sent next.
+    fn begin(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// Commits the open transaction with the input offsets it reaches and the witness (this
+    /// store's writer id and the outbox position after the batch); blocks until Kafka decided.
+    fn commit(&mut self, _offsets: &[(String, i64)], _witness: Witness) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// What the consumer group has committed for this partition.
+    fn committed(&mut self) -> Result<Committed, SinkError> {
+        Ok(Committed::default())
+    }
+}
+
+/// Stored with a transaction's offsets (as their metadata): who committed it and up to where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Witness {
+    pub writer: [u8; 8],
+    /// The outbox sequence number after the transaction's entries.
+    pub next_seq: u64,
+}
+
+impl Witness {
+    pub fn encode(&self) -> String {
+        format!(
+            "segmenter:{}:{}",
+            crate::model::change::hex(&self.writer),
+            self.next_seq
+        )
+    }
+
+    pub fn decode(text: &str) -> Option<Witness> {
+        let rest = text.strip_prefix("segmenter:")?;
+        let (writer, seq) = rest.split_once(':')?;
+        if writer.len() != 16 {
+            return None;
+        }
+        let mut bytes = [0u8; 8];
+        for (at, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(writer.get(at * 2..at * 2 + 2)?, 16).ok()?;
+        }
+        Some(Witness {
+            writer: bytes,
+            next_seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// The group's committed position of a partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    pub offsets: HashMap<String, i64>,
+    /// The witness of the last transaction, if the broker kept it.
+    pub witness: Option<Witness>,
+}
+
+impl Committed {
+    /// Whether the transaction that reached `offsets` with `witness` is committed (or no
+    /// longer needed: another writer committed after it, having re-done its input from the
+    /// changelog). Without a stored witness the offsets decide.
+    pub fn covers(&self, offsets: &[(String, i64)], witness: Witness) -> bool {
+        match self.witness {
+            Some(stored) if stored.writer != witness.writer => true,
+            Some(stored) => stored.next_seq >= witness.next_seq,
+            None => {
+                !offsets.is_empty()
+                    && offsets
+                        .iter()
+                        .all(|(topic, offset)| self.offsets.get(topic).is_some_and(|c| c >= offset))
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +167,9 @@ pub enum RelayError {
     Produce(String),
     #[error("corrupt {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// Exactly-once mode: another instance's producer took this partition over.
+    #[error("fenced: another instance owns this partition now")]
+    Fenced,
 }
 
 /// Which output an outbox record goes to, for metrics.
@@ -238,6 +341,11 @@ pub struct Relay<S: RecordSink> {
     buffers: PublishBuffers,
     /// The stop deadline (see `Worker`): a wait on a full producer queue ends there.
     stop_at: Arc<OnceLock<Instant>>,
+    /// Exactly-once mode: this store's writer id (for the witness) and the input offsets of
+    /// the last committed transaction (a batch with no entries that reaches no further needs
+    /// none).
+    writer: [u8; 8],
+    last_committed: Option<Vec<(String, i64)>>,
 }
 
 impl<S: RecordSink> Relay<S> {
@@ -274,7 +382,186 @@ impl<S: RecordSink> Relay<S> {
             changelog_acked: None,
             buffers: PublishBuffers::default(),
             stop_at,
+            writer: [0; 8],
+            last_committed: None,
         })
+    }
+
+    /// Exactly-once mode: the id of this store, which the witness of each transaction names.
+    pub fn with_writer(mut self, writer: [u8; 8]) -> Relay<S> {
+        self.writer = writer;
+        self
+    }
+
+    /// Exactly-once mode, at open: settles the transaction a previous run left open (its
+    /// entries are all the outbox holds). Committed — or superseded by another writer — its
+    /// entries are dropped (at the next commit); otherwise they go out again, the same entries,
+    /// in a new transaction with the offsets the store reached. `offsets` are those stored.
+    pub fn recover<St: Store + ?Sized>(
+        &mut self,
+        store: &St,
+        offsets: &HashMap<String, i64>,
+    ) -> Result<usize, RelayError> {
+        let p = self.partition as u32;
+        let stored = store.scan_prefix(Table::Outbox, &keys::partition_prefix(p))?;
+        let mut batch = Vec::with_capacity(stored.len());
+        for (key, value) in stored {
+            let seq = outbox_seq(&key)?;
+            let entry = outbox_entry(seq, &value)?;
+            self.next_seq = self.next_seq.max(seq + 1);
+            let pending = Pending::of(&entry, &self.topics);
+            batch.push((seq, entry, pending));
+        }
+        let mut reached: Vec<(String, i64)> =
+            offsets.iter().map(|(t, o)| (t.clone(), *o)).collect();
+        reached.sort();
+        if batch.is_empty() {
+            self.last_committed = Some(reached);
+            return Ok(0);
+        }
+        let count = batch.len();
+        let witness = self.witness();
+        let committed = self.sink.committed().map_err(sink_error)?;
+        if committed.covers(&reached, witness) {
+            tracing::info!(
+                partition = self.partition,
+                entries = count,
+                "the previous run's last transaction is committed; its outbox entries are dropped"
+            );
+            self.acked.extend(batch.iter().map(|(seq, _, _)| *seq));
+            self.last_committed = Some(reached);
+            return Ok(0);
+        }
+        tracing::info!(
+            partition = self.partition,
+            entries = count,
+            "the previous run's last transaction did not commit; sending it again"
+        );
+        self.transact(batch, reached)?;
+        Ok(count)
+    }
+
+    fn witness(&self) -> Witness {
+        Witness {
+            writer: self.writer,
+            next_seq: self.next_seq,
+        }
+    }
+
+    /// One transaction holding `batch` and the input offsets `reached`, retried until Kafka
+    /// committed it: aborted by the broker → the same records again; outcome unknown after a
+    /// fatal error → the group's committed offsets decide; fenced → [`RelayError::Fenced`].
+    fn transact(
+        &mut self,
+        batch: Vec<(u64, OutboxEntry, Pending)>,
+        reached: Vec<(String, i64)>,
+    ) -> Result<(), RelayError> {
+        let witness = self.witness();
+        loop {
+            match self.try_transaction(&batch, &reached, witness) {
+                Ok(()) => break,
+                Err(SinkError::Aborted) => {
+                    self.count_transaction("aborted");
+                    tracing::warn!(
+                        partition = self.partition,
+                        entries = batch.len(),
+                        "transaction aborted; sending its records again"
+                    );
+                }
+                Err(SinkError::Unknown) | Err(SinkError::Fatal) => {
+                    self.count_transaction("unknown");
+                    let committed = self.sink.committed().map_err(sink_error)?;
+                    if committed.covers(&reached, witness) {
+                        tracing::info!(
+                            partition = self.partition,
+                            "the transaction of unknown outcome is committed"
+                        );
+                        break;
+                    }
+                    tracing::warn!(
+                        partition = self.partition,
+                        entries = batch.len(),
+                        "the transaction of unknown outcome did not commit; sending it again"
+                    );
+                }
+                Err(SinkError::Fenced) => {
+                    self.count_transaction("fenced");
+                    return Err(RelayError::Fenced);
+                }
+                Err(SinkError::Other(error)) => return Err(RelayError::Produce(error)),
+            }
+            if self.stopping() {
+                return Err(RelayError::Produce(
+                    "stopped before the transaction committed; it stays in the outbox".into(),
+                ));
+            }
+        }
+        self.count_transaction("committed");
+        // Every record is in Kafka now; acknowledgements that arrived name the changelog's
+        // position (later ones are ignored: their entries are no longer pending).
+        let outputs: HashMap<u64, Pending> = batch
+            .iter()
+            .map(|(seq, _, pending)| (*seq, *pending))
+            .collect();
+        for Ack { seq, part, offset } in self.sink.take_acks() {
+            let Some(pending) = outputs.get(&seq) else {
+                continue;
+            };
+            if pending.outputs[usize::from(part.min(1))] == Output::Changelog {
+                self.changelog_acked = Some(self.changelog_acked.map_or(offset, |o| o.max(offset)));
+            }
+        }
+        for (seq, _, pending) in &batch {
+            for part in 0..pending.parts {
+                self.series.published[pending.outputs[usize::from(part)] as usize].inc();
+            }
+            self.acked.push(*seq);
+        }
+        self.last_committed = Some(reached);
+        Ok(())
+    }
+
+    fn try_transaction(
+        &mut self,
+        batch: &[(u64, OutboxEntry, Pending)],
+        reached: &[(String, i64)],
+        witness: Witness,
+    ) -> Result<(), SinkError> {
+        self.sink.begin()?;
+        let stop_at = &self.stop_at;
+        let give_up = || {
+            stop_at
+                .get()
+                .is_some_and(|deadline| Instant::now() >= *deadline)
+        };
+        for (seq, entry, _) in batch {
+            let sink = &mut self.sink;
+            entry.publish(
+                &self.topics,
+                self.partition,
+                &mut self.buffers,
+                |part, record| match sink.send(*seq, part, record, &give_up)? {
+                    true => Ok(()),
+                    false => Err(SinkError::Other(
+                        "stopped while the producer queue was full".into(),
+                    )),
+                },
+            )?;
+        }
+        self.sink.commit(reached, witness)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop_at
+            .get()
+            .is_some_and(|deadline| Instant::now() >= *deadline)
+    }
+
+    fn count_transaction(&self, outcome: &str) {
+        self.metrics
+            .transactions
+            .with_label_values(&[outcome])
+            .inc();
     }
 
     /// Kafka records handed over or held and not yet acknowledged.
@@ -382,6 +669,19 @@ impl<S: RecordSink> Relay<S> {
             seqs,
             reached,
         } = staged;
+        if self.sink.transactional() {
+            let mut reached = reached;
+            reached.sort();
+            let batch: Vec<(u64, OutboxEntry, Pending)> = seqs
+                .into_iter()
+                .zip(records.drain(..))
+                .map(|(seq, (entry, pending))| (seq, entry, pending))
+                .collect();
+            if batch.is_empty() && self.last_committed.as_ref() == Some(&reached) {
+                return Ok(());
+            }
+            return self.transact(batch, reached);
+        }
         for (seq, (entry, pending)) in seqs.into_iter().zip(records.drain(..)) {
             self.enqueue(seq, entry, pending)?;
         }
@@ -557,7 +857,8 @@ impl<S: RecordSink> Relay<S> {
         );
         match sent {
             Ok(()) | Err(SinkError::Fatal) => Ok(()),
-            Err(SinkError::Other(error)) => Err(RelayError::Produce(error)),
+            Err(SinkError::Fenced) => Err(RelayError::Fenced),
+            Err(error) => Err(RelayError::Produce(error.to_string())),
         }
     }
 
@@ -609,6 +910,13 @@ fn outbox_entry(seq: u64, value: &[u8]) -> Result<OutboxEntry, RelayError> {
         key: format!("outbox entry {seq}"),
         reason: err.0,
     })
+}
+
+fn sink_error(error: SinkError) -> RelayError {
+    match error {
+        SinkError::Fenced => RelayError::Fenced,
+        other => RelayError::Produce(other.to_string()),
+    }
 }
 
 #[cfg(test)]

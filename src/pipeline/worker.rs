@@ -17,11 +17,13 @@ use prometheus::IntGauge;
 use crate::changelog::{self, Checkpoint, Offsets};
 use crate::engine::{ClockMode, EngineError, Outcome, PartitionEngine};
 use crate::kafka::consumer::{InputMessage, PartitionInput};
-use crate::kafka::sink::KafkaSink;
+use crate::kafka::sink::{KafkaSink, PartitionSink};
+use crate::kafka::txn::TxnSink;
 use crate::metrics::{self, Metrics, SegmentSeries, TopicCounters};
 use crate::model::{time, Change, ChangeKind, Millis};
 use crate::outbox::{ChangelogRecord, OutboxEntry, OutboxRecord, SourceRef};
 use crate::rules::Program;
+use crate::settings::Guarantee;
 use crate::store::codec::StateLayout;
 use crate::store::{codec, keys, RocksStore, Store, StoreError, Table, WriteSet};
 
@@ -62,6 +64,8 @@ pub enum WorkerError {
     /// published or committed, so its input is simply read again at the next start.
     #[error("stopped with an unwritten batch: {0}")]
     Unwritten(StoreError),
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaSetupError),
 }
 
 /// How often an idle worker checks timers and acknowledgements.
@@ -112,7 +116,10 @@ pub struct Worker {
     engine: PartitionEngine<RocksStore>,
     store: Arc<RocksStore>,
     /// The outbox on its way to Kafka.
-    relay: Relay<KafkaSink>,
+    relay: Relay<PartitionSink>,
+    /// `processing.guarantee = "exactly_once"`: the relay commits transactions, which carry
+    /// the input offsets themselves.
+    exactly_once: bool,
     changelog: ChangelogWriter,
     metrics: Arc<Metrics>,
     offsets: HashMap<String, i64>,
@@ -146,19 +153,52 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// The sink a partition's records go out through. In exactly-once mode this is the
+    /// partition's own transactional producer, and opening it (`init_transactions` under the
+    /// partition's `transactional.id`) fences the previous owner and aborts its open
+    /// transaction — so it is opened *before* the changelog restore: afterwards nothing more
+    /// can be committed to the changelog behind the restore's back (a frozen owner coming back
+    /// is refused), and a `read_committed` reader's end is not held back by a dead owner's
+    /// open transaction (tansu 0.6.0 even answers 0 for it then, which looked like an empty
+    /// changelog and the takeover started from empty state).
+    pub fn open_sink(
+        partition: i32,
+        shared: &Shared,
+        stop_at: &Arc<OnceLock<Instant>>,
+    ) -> Result<PartitionSink, WorkerError> {
+        Ok(if shared.kafka.guarantee == Guarantee::ExactlyOnce {
+            PartitionSink::Transactional(Box::new(TxnSink::open(
+                partition,
+                &shared.kafka,
+                &shared.input_topics,
+                shared.metrics.clone(),
+                shared.publisher.health(),
+                stop_at.clone(),
+            )?))
+        } else {
+            PartitionSink::Shared(KafkaSink::new(
+                partition,
+                shared.publisher.clone(),
+                shared.board.clone(),
+            ))
+        })
+    }
+
     /// Opens a partition whose local copy is up to date with its changelog (see
-    /// `pipeline::restore`): its engine, members index, skip marks and outbox relay.
+    /// `pipeline::restore`): its engine, members index, skip marks and outbox relay, with the
+    /// sink from [`Worker::open_sink`].
     pub fn open(
         partition: i32,
         shared: Arc<Shared>,
         inputs: Vec<PartitionInput>,
+        sink: PartitionSink,
         stop_at: Arc<OnceLock<Instant>>,
     ) -> Result<Worker, WorkerError> {
         let p = partition as u32;
         let store = shared.store.clone();
         let engine =
             PartitionEngine::open(p, shared.program.clone(), store.clone(), shared.engine)?;
-        let sink = KafkaSink::new(partition, shared.publisher.clone(), shared.board.clone());
+        let exactly_once = crate::pipeline::relay::RecordSink::transactional(&sink);
         let relay = Relay::open(
             partition,
             store.as_ref(),
@@ -166,7 +206,8 @@ impl Worker {
             shared.topics.clone(),
             shared.metrics.clone(),
             stop_at.clone(),
-        )?;
+        )?
+        .with_writer(shared.writer);
         let merger = Merger::new(
             &shared.input_topics,
             shared.max_merge_wait,
@@ -221,6 +262,7 @@ impl Worker {
             writes: WriteSet::default(),
             metrics: shared.metrics.clone(),
             relay,
+            exactly_once,
             changelog,
             shared,
             engine,
@@ -243,6 +285,15 @@ impl Worker {
         let partition = self.partition;
         match self.serve(inputs) {
             Ok(()) => {}
+            Err(WorkerError::Relay(RelayError::Fenced)) => {
+                // A zombie: the partition went to another instance while this one was away.
+                // Nothing more is published from here; the group's rebalance takes the
+                // partition from this instance.
+                tracing::error!(
+                    partition,
+                    "fenced by a newer owner of the partition; its worker stopped"
+                );
+            }
             Err(WorkerError::Unwritten(error)) => {
                 tracing::warn!(partition, %error, "stopped with a batch that could not be written; its input is read again at the next start");
             }
@@ -266,7 +317,11 @@ impl Worker {
     }
 
     fn serve(&mut self, inputs: Receiver<WorkerInput>) -> Result<(), WorkerError> {
-        self.relay.resend(self.store.as_ref())?;
+        if self.exactly_once {
+            self.relay.recover(self.store.as_ref(), &self.offsets)?;
+        } else {
+            self.relay.resend(self.store.as_ref())?;
+        }
         self.shared.consuming(self.partition);
         loop {
             self.relay.follow_producer(self.store.as_ref())?;
@@ -769,7 +824,9 @@ impl Worker {
     /// be committed to Kafka.
     fn collect_acks(&mut self) -> Result<(), WorkerError> {
         let reached = self.relay.collect_acks(self.wall_clock())?;
-        if !reached.is_empty() {
+        // Exactly-once: each transaction committed the offsets (with their witness, which a
+        // plain commit would overwrite).
+        if !reached.is_empty() && !self.exactly_once {
             self.shared.publishable(self.partition, reached);
         }
         Ok(())
@@ -784,7 +841,7 @@ impl Worker {
         let reached = self
             .relay
             .drain(self.store.as_ref(), deadline, &|| clock())?;
-        if !reached.is_empty() {
+        if !reached.is_empty() && !self.exactly_once {
             self.shared.publishable(self.partition, reached);
         }
         self.commit(&mut Vec::new())
@@ -996,6 +1053,11 @@ mod tests {
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::Producer as _;
     use rdkafka::{ClientConfig, Message};
+
+    /// The at-least-once sink the tests' workers publish through.
+    fn test_sink(shared: &Arc<Shared>) -> PartitionSink {
+        Worker::open_sink(0, shared, &Arc::default()).expect("opening the sink")
+    }
 
     fn change(customer: &str, seq: u64) -> Change {
         Change {
@@ -1226,8 +1288,14 @@ mod tests {
             IDLE,
             Box::new(crate::pipeline::wall_clock_ms),
         );
-        let mut worker =
-            Worker::open(0, fx.shared.clone(), Vec::new(), Arc::default()).expect("opening");
+        let mut worker = Worker::open(
+            0,
+            fx.shared.clone(),
+            Vec::new(),
+            test_sink(&fx.shared),
+            Arc::default(),
+        )
+        .expect("opening");
         let metrics = fx.shared.metrics.clone();
         feed(
             &mut worker,
@@ -1261,8 +1329,14 @@ mod tests {
             IDLE,
             Box::new(move || clock.load(std::sync::atomic::Ordering::SeqCst)),
         );
-        let mut worker =
-            Worker::open(0, fx.shared.clone(), Vec::new(), Arc::default()).expect("opening");
+        let mut worker = Worker::open(
+            0,
+            fx.shared.clone(),
+            Vec::new(),
+            test_sink(&fx.shared),
+            Arc::default(),
+        )
+        .expect("opening");
         let metrics = fx.shared.metrics.clone();
         let batch = ["a", "b", "c", "d"]
             .iter()
@@ -1322,8 +1396,14 @@ mod tests {
             );
         }
         drop(first);
-        let worker = Worker::open(0, shared.clone(), Vec::new(), Arc::default())
-            .expect("opening the worker");
+        let worker = Worker::open(
+            0,
+            shared.clone(),
+            Vec::new(),
+            test_sink(shared),
+            Arc::default(),
+        )
+        .expect("opening the worker");
         let (to_worker, inputs) = std::sync::mpsc::sync_channel(4);
         let running = std::thread::spawn(move || worker.run(inputs));
 
@@ -1408,7 +1488,13 @@ mod tests {
         let mut writes = WriteSet::default();
         writes.put(Table::Meta, keys::outbox_next(0), vec![0, 1]);
         store.write(writes).expect("writing");
-        let opened = Worker::open(0, shared.clone(), Vec::new(), Arc::default());
+        let opened = Worker::open(
+            0,
+            shared.clone(),
+            Vec::new(),
+            test_sink(shared),
+            Arc::default(),
+        );
         let message = opened.err().map(|err| err.to_string()).unwrap_or_default();
         assert_eq!(message, "corrupt outbox_next: expected 8 bytes, found 2");
 
@@ -1416,8 +1502,14 @@ mod tests {
         writes.delete(Table::Meta, keys::outbox_next(0));
         writes.put(Table::Outbox, keys::outbox(0, 5), vec![1, 0, 0]);
         store.write(writes).expect("writing");
-        let worker = Worker::open(0, shared.clone(), Vec::new(), Arc::default())
-            .expect("opening the worker");
+        let worker = Worker::open(
+            0,
+            shared.clone(),
+            Vec::new(),
+            test_sink(shared),
+            Arc::default(),
+        )
+        .expect("opening the worker");
         let (_to_worker, inputs) = std::sync::mpsc::sync_channel(4);
         let running = std::thread::spawn(move || worker.run(inputs));
         running
@@ -1452,8 +1544,14 @@ mod tests {
         store.write(writes).expect("writing the outbox");
 
         let stop_at: Arc<OnceLock<Instant>> = Arc::default();
-        let worker = Worker::open(0, shared.clone(), Vec::new(), stop_at.clone())
-            .expect("opening the worker");
+        let worker = Worker::open(
+            0,
+            shared.clone(),
+            Vec::new(),
+            test_sink(shared),
+            stop_at.clone(),
+        )
+        .expect("opening the worker");
         let (to_worker, inputs) = std::sync::mpsc::sync_channel(4);
         let running = std::thread::spawn(move || worker.run(inputs));
         // Re-publishing the outbox fills the queue at the first entry's second record.

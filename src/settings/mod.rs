@@ -67,6 +67,32 @@ pub struct InputSettings {
     pub mapping: FieldMapping,
 }
 
+/// `processing.guarantee`: what a crash may do to the outputs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Offsets are committed after the outputs are acknowledged: a crash may repeat outputs
+    /// (same ids), never lose one.
+    #[default]
+    AtLeastOnce,
+    /// One Kafka transaction per micro-batch holds its outputs, changelog records and input
+    /// offsets; the input is read `read_committed` (see `kafka::txn`).
+    ExactlyOnce,
+}
+
+/// `processing.isolation`: how the input and the changelog restore read transactional records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Only committed transactions' records, up to the last stable offset (the default with
+    /// `exactly_once`, which needs it: an aborted batch's changelog records are not state).
+    ReadCommitted,
+    /// Every record (the default with `at_least_once`). With `exactly_once` only for brokers
+    /// that do not implement the last stable offset (tansu 0.6.0), which show aborted records
+    /// to every reader anyway.
+    ReadUncommitted,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct KafkaSettings {
     pub brokers: String,
@@ -79,6 +105,11 @@ pub struct KafkaSettings {
     /// `[kafka.secrets]`, read from the environment or files (values redacted in `Debug`);
     /// applied to every client after the pass-through settings.
     pub secrets: Vec<KafkaSecret>,
+    /// `processing.guarantee` (it shapes the clients: transactional producers, isolation).
+    pub guarantee: Guarantee,
+    /// `processing.isolation` resolved: whether the input and the restore read
+    /// `read_committed`.
+    pub read_committed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -433,6 +464,12 @@ fn build(
         consumer: raw.kafka.consumer,
         producer: raw.kafka.producer,
         secrets: Vec::new(),
+        guarantee: raw.processing.guarantee.unwrap_or_default(),
+        read_committed: match raw.processing.isolation {
+            Some(Isolation::ReadCommitted) => true,
+            Some(Isolation::ReadUncommitted) => false,
+            None => raw.processing.guarantee == Some(Guarantee::ExactlyOnce),
+        },
     };
     let output = OutputSettings {
         changes_topic: raw

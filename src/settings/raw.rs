@@ -27,6 +27,17 @@ pub struct RawFile<S> {
     pub state: RawState,
     #[serde(default)]
     pub http: RawHttp,
+    #[serde(default)]
+    pub processing: RawProcessing,
+}
+
+/// `[processing]`: the delivery guarantee and the isolation level transactional records are
+/// read with. An unknown value is a parse error with its position.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProcessing {
+    pub guarantee: Option<super::Guarantee>,
+    pub isolation: Option<super::Isolation>,
 }
 
 /// A file that holds only segments (`segments_file`).

@@ -136,3 +136,33 @@ fn load_str_reads_the_same_as_load() {
         load_str("inline.toml", "[[segment]]\nid = 1\n", Path::new("."), &[]).expect_err("invalid");
     assert_eq!(errors.0[0].file, "inline.toml");
 }
+
+#[test]
+fn the_isolation_level_follows_the_guarantee_unless_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let segment = "[[segment]]\nid = \"s\"\nrule = 'count(any) > 0'\n";
+    let read_committed = |processing: &str| {
+        let path = write(
+            &dir,
+            "c.toml",
+            &format!("[processing]\n{processing}\n{segment}"),
+        );
+        load(&path, &[])
+            .expect("a valid config")
+            .kafka
+            .read_committed
+    };
+    assert!(!read_committed(""), "at-least-once reads everything");
+    assert!(read_committed("guarantee = \"exactly_once\""));
+    assert!(!read_committed(
+        "guarantee = \"exactly_once\"\nisolation = \"read_uncommitted\""
+    ));
+    assert!(read_committed("isolation = \"read_committed\""));
+    let errors = errors_of(&format!(
+        "[processing]\nisolation = \"committed\"\n{segment}"
+    ));
+    assert!(
+        errors[0].starts_with("Some((2, 13))") && errors[0].contains("read_committed"),
+        "{errors:?}"
+    );
+}

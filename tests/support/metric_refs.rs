@@ -92,6 +92,7 @@ impl Catalogue {
         add(&m.outbox_pending, kind(&m.outbox_pending));
         add(&m.published, kind(&m.published));
         add(&m.publish_errors, kind(&m.publish_errors));
+        add(&m.transactions, kind(&m.transactions));
         add(&m.rebalances, kind(&m.rebalances));
         add(&m.restore_seconds, kind(&m.restore_seconds));
         add(&m.restore_records, kind(&m.restore_records));

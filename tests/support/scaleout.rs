@@ -836,13 +836,16 @@ impl Cluster {
             if quiet_since.elapsed() >= quiet {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "[{}] not settled 120 s after the input ended: committed behind {behind:?}; \
-                 change records {published}; {}",
-                self.plan.name,
-                states.join("; ")
-            );
+            if Instant::now() >= deadline {
+                let kept = self.keep_dir();
+                panic!(
+                    "[{}] not settled 120 s after the input ended: committed behind {behind:?}; \
+                     change records {published}; {}; logs, configs and state dirs kept in {}",
+                    self.plan.name,
+                    states.join("; "),
+                    kept.display()
+                );
+            }
             thread::sleep(Duration::from_millis(250));
         }
     }
@@ -1007,6 +1010,31 @@ impl Cluster {
             None => format!("changelog topic {topic}: absent"),
         };
         format!("{key}; {found}")
+    }
+
+    /// Appends `text` (whole TOML sections) to the config of every instance started from now
+    /// on (the oracle's config is written already).
+    pub fn add_config(&mut self, text: &str) {
+        self.base.extra_toml.push_str(text);
+    }
+
+    /// The input partitions live instance `name` owns, from its log (works while it is frozen).
+    pub fn owned(&self, name: &str) -> BTreeSet<i32> {
+        self.live[name].service.owned_partitions()
+    }
+
+    /// The log of instance `name` (every start of it).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// The value of series `series` (e.g. `name{label="v"}`) on live instance `name`; 0 if it
+    /// has none.
+    pub fn series(&self, name: &str, series: &str) -> f64 {
+        let (_, text) = http(&self.live[name].address, "GET", "/metrics", None);
+        text.lines()
+            .filter_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .sum()
     }
 
     /// Keeps the temp dir (logs, configs, state) past the end of the test; returns its path.

@@ -725,6 +725,16 @@ impl TopicReader {
         let highs = self.high_watermarks();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            // Transaction markers take offsets but are never delivered: the consumer's fetch
+            // position passes them, the last record's offset + 1 does not.
+            if let Ok(list) = self.consumer.position() {
+                for element in list.elements() {
+                    if let Offset::Offset(at) = element.offset() {
+                        let known = self.positions.entry(element.partition()).or_insert(0);
+                        *known = (*known).max(at);
+                    }
+                }
+            }
             let behind: Vec<(i32, i64, i64)> = highs
                 .iter()
                 .filter(|(p, high)| self.positions.get(p).copied().unwrap_or(0) < **high)

@@ -246,3 +246,34 @@ fn acknowledged_entries_leave_the_outbox_at_the_next_commit() {
         .collect();
     assert_eq!(left, vec![1]);
 }
+
+/// Exactly-once recovery: the witness stored with the group's offsets decides whether the open
+/// transaction committed; another writer's witness means its input was re-done elsewhere.
+#[test]
+fn the_witness_says_whether_the_open_transaction_committed() {
+    let ours = Witness {
+        writer: [7; 8],
+        next_seq: 40,
+    };
+    assert_eq!(Witness::decode(&ours.encode()), Some(ours));
+    assert_eq!(Witness::decode("something else"), None);
+    let offsets = vec![("events".to_string(), 100)];
+    let stored = |witness: Option<Witness>, offset: i64| Committed {
+        offsets: [("events".to_string(), offset)].into_iter().collect(),
+        witness,
+    };
+    assert!(stored(Some(ours), 100).covers(&offsets, ours));
+    let before = Witness {
+        next_seq: 30,
+        ..ours
+    };
+    assert!(!stored(Some(before), 90).covers(&offsets, ours));
+    let other = Witness {
+        writer: [9; 8],
+        next_seq: 5,
+    };
+    assert!(stored(Some(other), 90).covers(&offsets, ours));
+    // Without a stored witness the offsets decide.
+    assert!(stored(None, 100).covers(&offsets, ours));
+    assert!(!stored(None, 99).covers(&offsets, ours));
+}
