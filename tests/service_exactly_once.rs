@@ -37,7 +37,7 @@ fn committed(cluster: &Cluster, name: &str) -> f64 {
     cluster.series(name, "segmenter_transactions_total{outcome=\"committed\"}")
 }
 
-/// Intermittent (tansu 0.6.0, 2026-12-03; about one run in three here): the change topic lacked
+/// Intermittent (tansu 0.6.0, 2026-12-03; it passed and failed in separate runs): the change topic lacked
 /// three changes of one partition (p10) that the replay has. Their owner held p10 throughout,
 /// the missing records were published in steady state after a clean release and reopen, its log
 /// has no warning in that window, and the next `seq` of the same customer *is* on the topic —
