@@ -60,6 +60,7 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         settings.kafka.clone(),
     )?);
     let dispatcher = Arc::new(Dispatcher::new(shared.clone()));
+    let dispatcher_shared = shared.clone();
     let sink: Arc<dyn InputSink> = dispatcher.clone();
     // Nothing over input.max_event_bytes is decoded: only what its dead letter forwards of it
     // is copied out of librdkafka.
@@ -150,6 +151,13 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         "segmenter running"
     );
 
+    let standby_stop = Arc::new(AtomicBool::new(false));
+    let standby = crate::pipeline::standby::spawn(
+        dispatcher_shared.clone(),
+        partitions,
+        settings.state.standby_replicas,
+        standby_stop.clone(),
+    );
     let input_topics = settings.input.topics.clone();
     let poll_shutdown = shutdown.clone();
     let poller = dispatcher.clone();
@@ -171,6 +179,11 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
     .await
     .context("poll loop panicked")?;
     let (polled, deadline) = outcome;
+    standby_stop.store(true, Ordering::Relaxed);
+    if let Some(standby) = standby {
+        // Stops at its next check (within a poll of the changelog), its progress saved.
+        let _ = standby.join();
+    }
     // Records still queued stay in the outbox and are published at the next start.
     let remaining = deadline.saturating_duration_since(Instant::now());
     publisher.flush(remaining.max(Duration::from_millis(100)));

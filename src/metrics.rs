@@ -97,6 +97,7 @@ pub struct Metrics {
     pub restore_seconds: Histogram,
     pub restore_records: IntCounter,
     pub restore_remaining: IntGaugeVec,
+    pub standby_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
     pub ready: IntGauge,
     pub rocksdb: IntGaugeVec,
@@ -239,6 +240,12 @@ impl Metrics {
                 "Changelog offsets a partition's restore still has to read, by partition.",
                 &["partition"],
             ),
+            standby_lag: gauge_vec(
+                "segmenter_standby_lag_records",
+                "Changelog offsets a standby copy of a partition this instance does not own was \
+                 behind the changelog's end when last looked at, by partition.",
+                &["partition"],
+            ),
             assigned_partitions: gauge(
                 "segmenter_assigned_partitions",
                 "Input partitions currently owned by this instance.",
@@ -318,6 +325,7 @@ impl Metrics {
             Box::new(self.restore_seconds.clone()),
             Box::new(self.restore_records.clone()),
             Box::new(self.restore_remaining.clone()),
+            Box::new(self.standby_lag.clone()),
             Box::new(self.assigned_partitions.clone()),
             Box::new(self.ready.clone()),
             Box::new(self.rocksdb.clone()),

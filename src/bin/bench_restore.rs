@@ -14,11 +14,13 @@
 //! 3. with `--failover`: two `segmenter run` instances in one group under a steady load; one is
 //!    killed with SIGKILL; the time until the change topic holds the first change for a customer
 //!    of a partition the killed instance owned (published by the survivor, after the session
-//!    timeout, the rebalance and the restore of those partitions).
+//!    timeout, the rebalance and the restore of those partitions). `--standby N` runs them with
+//!    `state.standby_replicas = N`; `--failover-only` skips 1 and 2.
 //!
 //! ```text
 //! cargo run --release --bin bench_restore -- [--customers N] [--seed-events N]
 //!     [--checkpoint-every N] [--events K] [--brokers HOST:PORT] [--restore-only] [--failover]
+//!     [--failover-only] [--standby N]
 //! ```
 
 // Shared with the other benchmarks; `start_service` (wall clock, one instance) is theirs.
@@ -66,6 +68,10 @@ struct Args {
     brokers: Option<String>,
     restore_only: bool,
     failover: bool,
+    /// Only the failover measurement (implies `failover`).
+    failover_only: bool,
+    /// `state.standby_replicas` of the failover's instances.
+    standby: u32,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -77,6 +83,8 @@ fn parse_args() -> anyhow::Result<Args> {
         brokers: None,
         restore_only: false,
         failover: false,
+        failover_only: false,
+        standby: 0,
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
@@ -89,12 +97,18 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.failover = true;
                 continue;
             }
+            "--failover-only" => {
+                args.failover = true;
+                args.failover_only = true;
+                continue;
+            }
             _ => {}
         }
         let value = iter
             .next()
             .with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
+            "--standby" => args.standby = value.parse().context("--standby")?,
             "--customers" => args.customers = value.parse()?,
             "--seed-events" => args.seed_events = value.parse()?,
             "--checkpoint-every" => args.checkpoint_every = value.parse()?,
@@ -124,13 +138,15 @@ fn main() -> anyhow::Result<()> {
         .set("bootstrap.servers", &brokers)
         .create()?;
 
-    restore_rate(&args, &settings, &runtime, &admin, work.path())?;
-    if args.restore_only {
-        return Ok(());
+    if !args.failover_only {
+        restore_rate(&args, &settings, &runtime, &admin, work.path())?;
+        if args.restore_only {
+            return Ok(());
+        }
+        restore_support::changelog_per_event(&brokers, work.path(), args.events, &runtime, &admin)?;
     }
-    restore_support::changelog_per_event(&brokers, work.path(), args.events, &runtime, &admin)?;
     if args.failover {
-        restore_support::failover(&brokers, work.path(), &runtime, &admin)?;
+        restore_support::failover(&brokers, work.path(), &runtime, &admin, args.standby)?;
     }
     drop(broker);
     Ok(())

@@ -7,6 +7,7 @@
 pub mod merge;
 pub mod relay;
 pub mod restore;
+pub mod standby;
 pub mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -50,6 +51,8 @@ pub struct Shared {
     pub kafka: KafkaSettings,
     /// This store's id, written into every changelog record it produces.
     pub writer: [u8; 8],
+    /// Keeps the standby (`standby`) off the partitions owned here.
+    pub standby: standby::Handoff,
     publishable: Mutex<HashMap<(String, i32), i64>>,
     failure: Mutex<Option<String>>,
     readiness: Mutex<Readiness>,
@@ -118,6 +121,7 @@ impl Shared {
             metrics,
             kafka,
             writer,
+            standby: standby::Handoff::default(),
             publishable: Mutex::new(HashMap::new()),
             failure: Mutex::new(None),
             readiness: Mutex::new(Readiness::default()),
@@ -238,6 +242,9 @@ fn start_partition(
             return;
         }
     };
+    // A standby copy of the partition stops being written (its progress saved) before the
+    // restore continues it.
+    shared.standby.claim(partition);
     loop {
         match restore_partition(partition, &shared, &stop) {
             Ok(()) => break,
@@ -322,11 +329,12 @@ fn restore_partition(
         &progress,
     )?;
     if let Some(restored) = restored {
-        shared.metrics.restore_records.inc_by(restored.records);
+        shared.metrics.restore_records.inc_by(restored.read);
         tracing::info!(
             partition,
             plan = ?restored.plan,
-            records = restored.records,
+            records = restored.read,
+            records_with_standby = restored.records,
             elapsed_ms = restored.elapsed.as_millis() as u64,
             records_per_s = (restored.records as f64 / restored.elapsed.as_secs_f64().max(1e-6)) as u64,
             "partition restored from the changelog"
@@ -578,6 +586,7 @@ impl InputSink for Dispatcher {
                 self.shared
                     .fail(format!("partition {partition}: worker panicked"));
             }
+            self.shared.standby.release(partition);
             tracing::info!(partition, "partition released");
         }
     }

@@ -66,7 +66,10 @@ const BATCH: usize = 25_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored {
     pub plan: Plan,
+    /// Records applied, counting those of the interrupted restore or standby it continued.
     pub records: u64,
+    /// Records read by this call only.
+    pub read: u64,
     pub elapsed: Duration,
 }
 
@@ -97,6 +100,12 @@ pub fn bring_up_to_date<St: Store + ?Sized>(
                 end_offset = restore.end_offset,
                 "continuing an interrupted restore"
             );
+            let mut restore = restore;
+            // A standby's copy (`pipeline::standby`) is a restore that never finished, and the
+            // changelog may have grown since any interruption: read to its current end.
+            if let Ok((_, high)) = source.watermarks(partition) {
+                restore.end_offset = restore.end_offset.max(high);
+            }
             let plan = Plan::Tail {
                 from: restore.next_offset,
                 to: restore.end_offset,
@@ -141,8 +150,90 @@ pub fn bring_up_to_date<St: Store + ?Sized>(
         }
     };
     let mut restore = restore;
-    let mut writes = first_writes;
+    let records_before = restore.records;
     let wiped = matches!(plan, Plan::Full { .. }) && restore.records == 0;
+    let applied = apply_changelog(
+        partition,
+        store,
+        source,
+        program,
+        &mut restore,
+        wiped,
+        first_writes,
+        stop,
+        progress,
+    )?;
+    let Applied {
+        completed,
+        indexer,
+        mut writes,
+    } = applied;
+    if !completed {
+        restore.save(p, &mut writes);
+        store.write(writes)?;
+        return Err(RestoreError::Interrupted);
+    }
+    let records = restore.records;
+    let read = records - records_before;
+    progress(records, 0);
+    let indexed = restore.indexed;
+    restore.finish(p, &mut writes);
+    indexer.finish(&mut writes);
+    store.write(writes)?;
+    if !indexed {
+        // Continuing a restore that an older build started without keeping the timers.
+        rebuild_timers(p, store, program)?;
+    }
+    Ok(Some(Restored {
+        plan,
+        records,
+        read,
+        elapsed: started.elapsed(),
+    }))
+}
+
+/// What [`apply_changelog`] leaves for its caller: whether it read to the end, and the last
+/// batch's writes (the progress record not in them yet) with the indexer that made them.
+pub(crate) struct Applied<'a> {
+    pub completed: bool,
+    indexer: Indexer<'a>,
+    pub writes: WriteSet,
+}
+
+impl Applied<'_> {
+    /// Saves the indexer's counts into the pending writes and hands them out (a standby step,
+    /// which never finishes its restore).
+    pub(crate) fn into_writes(self) -> WriteSet {
+        let Applied {
+            indexer,
+            mut writes,
+            ..
+        } = self;
+        indexer.finish(&mut writes);
+        writes
+    }
+}
+
+/// Reads partition `partition`'s changelog from `restore.next_offset` to (at least)
+/// `restore.end_offset` into the store: every [`BATCH`] records one write with the progress
+/// and the timers and members index kept in step ([`Indexer`]). Shared by the restore of an
+/// assigned partition and a standby's copy (`pipeline::standby`), so a copy the owner takes
+/// over has the same indexes a restore would have written. `wiped`: the local copy was wiped
+/// for this restore and nothing is written yet. `first_writes` go out with the first batch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply_changelog<'a, St: Store + ?Sized>(
+    partition: i32,
+    store: &St,
+    source: &dyn ChangelogSource,
+    program: &'a Program,
+    restore: &mut Restore,
+    wiped: bool,
+    first_writes: WriteSet,
+    stop: &dyn Fn() -> bool,
+    progress: Progress<'_>,
+) -> Result<Applied<'a>, RestoreError> {
+    let p = partition as u32;
+    let mut writes = first_writes;
     let mut indexer = Indexer::new(p, program, store, restore.indexed, wiped)?;
     indexer.save(&mut writes);
     restore.save(p, &mut writes);
@@ -190,30 +281,18 @@ pub fn bring_up_to_date<St: Store + ?Sized>(
     }
     let completed = completed.map_err(RestoreError::Changelog)?;
     indexer.save(&mut writes);
-    if !completed {
-        restore.save(p, &mut writes);
-        store.write(writes)?;
-        return Err(RestoreError::Interrupted);
-    }
-    let records = restore.records;
-    progress(records, 0);
-    let indexed = restore.indexed;
-    restore.finish(p, &mut writes);
-    indexer.finish(&mut writes);
-    store.write(writes)?;
-    if !indexed {
-        // Continuing a restore that an older build started without keeping the timers.
-        rebuild_timers(p, store, program)?;
-    }
-    Ok(Some(Restored {
-        plan,
-        records,
-        elapsed: started.elapsed(),
-    }))
+    Ok(Applied {
+        completed,
+        indexer,
+        writes,
+    })
 }
 
 /// What the planner needs to know about the local copy.
-fn local_copy<St: Store + ?Sized>(p: u32, store: &St) -> Result<LocalCopy, RestoreError> {
+pub(crate) fn local_copy<St: Store + ?Sized>(
+    p: u32,
+    store: &St,
+) -> Result<LocalCopy, RestoreError> {
     let next_offset = match store.get(Table::Meta, &keys::changelog_next(p))? {
         Some(bytes) => Some(
             codec::decode_i64(&bytes)
@@ -243,7 +322,7 @@ fn local_copy<St: Store + ?Sized>(p: u32, store: &St) -> Result<LocalCopy, Resto
 }
 
 /// Whether every record of `[from, to)` was written by `writer`.
-fn tail_is_own(
+pub(crate) fn tail_is_own(
     partition: i32,
     source: &dyn ChangelogSource,
     from: i64,

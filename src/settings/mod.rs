@@ -140,6 +140,9 @@ pub struct StateSettings {
     pub sync_writes: bool,
     /// The compacted changelog topic (one partition per input partition).
     pub changelog_topic: String,
+    /// 0: no standby copies; any other value: every instance follows the changelog of every
+    /// partition it does not own (`pipeline::standby`).
+    pub standby_replicas: u32,
 }
 
 /// Validated settings.
@@ -502,6 +505,7 @@ fn build(
             .state
             .changelog_topic
             .unwrap_or_else(|| "segmenter-changelog".into()),
+        standby_replicas: raw.state.standby_replicas.unwrap_or(0),
     };
     let http_listen = raw
         .http

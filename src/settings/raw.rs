@@ -146,6 +146,8 @@ pub struct RawState {
     pub sync_writes: Option<bool>,
     /// The compacted topic each partition's state is mirrored to (see `crate::changelog`).
     pub changelog_topic: Option<String>,
+    /// Warm copies kept of each partition by instances that do not own it (`pipeline::standby`).
+    pub standby_replicas: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -97,6 +97,7 @@ impl Catalogue {
         add(&m.restore_seconds, kind(&m.restore_seconds));
         add(&m.restore_records, kind(&m.restore_records));
         add(&m.restore_remaining, kind(&m.restore_remaining));
+        add(&m.standby_lag, kind(&m.standby_lag));
         add(&m.assigned_partitions, kind(&m.assigned_partitions));
         add(&m.ready, kind(&m.ready));
         add(&m.rocksdb, kind(&m.rocksdb));

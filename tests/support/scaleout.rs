@@ -1018,6 +1018,19 @@ impl Cluster {
         self.base.extra_toml.push_str(text);
     }
 
+    /// Adds lines to the `[state]` table of every instance started from now on.
+    pub fn add_state(&mut self, lines: &str) {
+        self.base.state_extra.push_str(lines);
+    }
+
+    /// The ballast customers (see [`Plan::ballast_customers`]) on input partitions `partitions`.
+    pub fn ballast_on(&self, partitions: &BTreeSet<i32>) -> usize {
+        self.lines[..self.ballast_lines]
+            .iter()
+            .filter(|line| partitions.contains(&line.partition))
+            .count()
+    }
+
     /// The input partitions live instance `name` owns, from its log (works while it is frozen).
     pub fn owned(&self, name: &str) -> BTreeSet<i32> {
         self.live[name].service.owned_partitions()

@@ -96,6 +96,7 @@ pub fn start_service(
         outputs,
         http_port,
         clock: "wall",
+        standby_replicas: 0,
     })
 }
 
@@ -111,6 +112,8 @@ pub struct Service<'a> {
     pub http_port: u16,
     /// `engine.clock`: "wall" or "event".
     pub clock: &'a str,
+    /// `state.standby_replicas`.
+    pub standby_replicas: u32,
 }
 
 /// Starts `segmenter run` as `service` says (see [`start_service`]); the state dir is
@@ -125,6 +128,7 @@ pub fn start_service_as(service: &Service<'_>) -> anyhow::Result<Child> {
         outputs,
         http_port,
         clock,
+        standby_replicas,
     } = service;
     let segments =
         std::fs::canonicalize("config/segments.toml").context("run from the repository root")?;
@@ -132,7 +136,7 @@ pub fn start_service_as(service: &Service<'_>) -> anyhow::Result<Child> {
     std::fs::write(
         &config,
         format!(
-            "segments_file = {segments:?}\n[engine]\nclock = \"{clock}\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n{consumer_extra}\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\nchangelog_topic = \"{group}-changelog\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+            "segments_file = {segments:?}\n[engine]\nclock = \"{clock}\"\n[input]\ntopics = [\"{input}\"]\n[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n{consumer_extra}\n[output]\nchanges_topic = \"{outputs}-changes\"\nmembership_topic = \"{outputs}-membership\"\ndlq_topic = \"{outputs}-dlq\"\n[state]\ndir = {:?}\nchangelog_topic = \"{group}-changelog\"\nstandby_replicas = {standby_replicas}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
             work.join(format!("{group}{instance}-state")),
             consumer_extra = std::env::var("BENCH_KAFKA_CONSUMER").unwrap_or_default(),
         ),

@@ -136,6 +136,7 @@ pub fn changelog_per_event(
         outputs: "rb",
         http_port: port,
         clock: "event",
+        standby_replicas: 0,
     })?;
     let consumed = wait_consumed(port, events, Duration::from_secs(900));
     let published = scrape(port).map(|t| metric_sum(&t, "segmenter_published_total{"));
@@ -217,6 +218,7 @@ pub fn failover(
     work: &std::path::Path,
     runtime: &tokio::runtime::Runtime,
     admin: &AdminClient<DefaultClientContext>,
+    standby_replicas: u32,
 ) -> anyhow::Result<()> {
     let input = "fo-events";
     create_topic(runtime, admin, input)?;
@@ -231,6 +233,7 @@ pub fn failover(
         outputs: "fo",
         http_port,
         clock: "wall",
+        standby_replicas,
     };
     let survivor = start_service_as(&service("-a", ports[0]))?;
     let mut victim = start_service_as(&service("-b", ports[1]))?;
@@ -313,7 +316,12 @@ pub fn failover(
     let (seen, produced) = first
         .context("no change from the survivor for the killed owner's partitions within 120 s")?;
     println!(
-        "failover (no standby; session.timeout.ms 6000; {rate:.0} events/s over {PARTITIONS} partitions, the killed owner had {owned:?}): kill -9 → first change of its partitions produced by the survivor {:.2} s, read downstream {:.2} s ({restore})",
+        "failover ({}; session.timeout.ms 6000; {rate:.0} events/s over {PARTITIONS} partitions, the killed owner had {owned:?}): kill -9 → first change of its partitions produced by the survivor {:.2} s, read downstream {:.2} s ({restore})",
+        if standby_replicas == 0 {
+            "no standby".to_string()
+        } else {
+            format!("state.standby_replicas = {standby_replicas}")
+        },
         produced as f64 / 1000.0,
         seen.as_secs_f64()
     );
