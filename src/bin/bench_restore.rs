@@ -15,7 +15,9 @@
 //!    killed with SIGKILL; the time until the change topic holds the first change for a customer
 //!    of a partition the killed instance owned (published by the survivor, after the session
 //!    timeout, the rebalance and the restore of those partitions). `--standby N` runs them with
-//!    `state.standby_replicas = N`; `--failover-only` skips 1 and 2.
+//!    `state.standby_replicas = N`; `--failover-only` skips 1 and 2. After it, a planned handover: SIGTERM to one of
+//!    two such instances, and the extra event → publish latency it causes on the partitions that
+//!    moved and on those that stayed.
 //!
 //! ```text
 //! cargo run --release --bin bench_restore -- [--customers N] [--seed-events N]
@@ -147,6 +149,7 @@ fn main() -> anyhow::Result<()> {
     }
     if args.failover {
         restore_support::failover(&brokers, work.path(), &runtime, &admin, args.standby)?;
+        restore_support::handover(&brokers, work.path(), &runtime, &admin, args.standby)?;
     }
     drop(broker);
     Ok(())

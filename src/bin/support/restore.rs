@@ -1,5 +1,6 @@
 //! The parts of `bench_restore` beyond the restore itself: changelog bytes per input event of a real
-//! `segmenter run`, and the time from killing an owner to the survivor's first change.
+//! `segmenter run`, the time from killing an owner to the survivor's first change, and the
+//! pause a planned handover (SIGTERM) adds.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -211,6 +212,101 @@ fn owned_partitions(port: u16) -> anyhow::Result<HashSet<i32>> {
         .collect())
 }
 
+/// Two `segmenter run` instances of one group sharing the input, and a steady load on them.
+struct Pair {
+    survivor: std::process::Child,
+    victim: std::process::Child,
+    ports: [u16; 2],
+    rate: f64,
+    loading: Arc<AtomicBool>,
+    load: std::thread::JoinHandle<()>,
+}
+
+impl Pair {
+    /// Starts both on fresh topics named after `name`, waits until they share the partitions,
+    /// then starts the load (2,000 events/s, wall clock).
+    fn start(
+        brokers: &str,
+        work: &std::path::Path,
+        runtime: &tokio::runtime::Runtime,
+        admin: &AdminClient<DefaultClientContext>,
+        name: &str,
+        standby_replicas: u32,
+    ) -> anyhow::Result<Pair> {
+        let input = format!("{name}-events");
+        create_topic(runtime, admin, &input)?;
+        let ports = [free_port()?, free_port()?];
+        let service = |instance, http_port| Service {
+            brokers,
+            work,
+            group: name,
+            instance,
+            input: &input,
+            outputs: name,
+            http_port,
+            clock: "wall",
+            standby_replicas,
+        };
+        let survivor = start_service_as(&service("-a", ports[0]))?;
+        let victim = start_service_as(&service("-b", ports[1]))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let a = owned_partitions(ports[0]).unwrap_or_default();
+            let b = owned_partitions(ports[1]).unwrap_or_default();
+            if !a.is_empty() && !b.is_empty() && a.len() + b.len() == PARTITIONS as usize {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the two instances did not share the partitions ({a:?}, {b:?})");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let rate = 2_000.0;
+        let loading = Arc::new(AtomicBool::new(true));
+        let load = {
+            let loading = loading.clone();
+            let producer = producer(brokers)?;
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let generator = Generator::new(GeneratorConfig {
+                    events: 100_000_000,
+                    start_ms: wall_clock_ms(),
+                    events_per_second: rate,
+                    late_fraction: 0.0,
+                    duplicate_fraction: 0.0,
+                    ..GeneratorConfig::default()
+                });
+                for (i, line) in generator.enumerate() {
+                    if !loading.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let due = Duration::from_secs_f64(i as f64 / rate);
+                    while start.elapsed() < due {
+                        std::thread::sleep(Duration::from_micros(500));
+                    }
+                    send(&producer, &input, &line);
+                }
+                let _ = producer.flush(Duration::from_secs(10));
+            })
+        };
+        Ok(Pair {
+            survivor,
+            victim,
+            ports,
+            rate,
+            loading,
+            load,
+        })
+    }
+
+    fn end(self) {
+        self.loading.store(false, Ordering::Relaxed);
+        let _ = self.load.join();
+        stop(self.survivor);
+        stop(self.victim);
+    }
+}
+
 /// Two instances in one group under a steady load; SIGKILL one; time until the change topic
 /// shows a change produced after the kill for a customer of a partition the killed one owned.
 pub fn failover(
@@ -220,76 +316,19 @@ pub fn failover(
     admin: &AdminClient<DefaultClientContext>,
     standby_replicas: u32,
 ) -> anyhow::Result<()> {
-    let input = "fo-events";
-    create_topic(runtime, admin, input)?;
-    let group = "fo";
-    let ports = [free_port()?, free_port()?];
-    let service = |instance, http_port| Service {
-        brokers,
-        work,
-        group,
-        instance,
-        input,
-        outputs: "fo",
-        http_port,
-        clock: "wall",
-        standby_replicas,
-    };
-    let survivor = start_service_as(&service("-a", ports[0]))?;
-    let mut victim = start_service_as(&service("-b", ports[1]))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let a = owned_partitions(ports[0]).unwrap_or_default();
-        let b = owned_partitions(ports[1]).unwrap_or_default();
-        if !a.is_empty() && !b.is_empty() && a.len() + b.len() == PARTITIONS as usize {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the two instances did not share the partitions ({a:?}, {b:?})");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-
-    // A steady load, on its own thread, from now until the end.
-    let rate = 2_000.0;
-    let loading = Arc::new(AtomicBool::new(true));
-    let load = {
-        let loading = loading.clone();
-        let producer = producer(brokers)?;
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            let generator = Generator::new(GeneratorConfig {
-                events: 100_000_000,
-                start_ms: wall_clock_ms(),
-                events_per_second: rate,
-                late_fraction: 0.0,
-                duplicate_fraction: 0.0,
-                ..GeneratorConfig::default()
-            });
-            for (i, line) in generator.enumerate() {
-                if !loading.load(Ordering::Relaxed) {
-                    break;
-                }
-                let due = Duration::from_secs_f64(i as f64 / rate);
-                while start.elapsed() < due {
-                    std::thread::sleep(Duration::from_micros(500));
-                }
-                send(&producer, input, &line);
-            }
-            let _ = producer.flush(Duration::from_secs(10));
-        })
-    };
-    let changes = reader(brokers, "fo-watch")?;
-    changes.subscribe(&["fo-changes"])?;
+    let name = if standby_replicas == 0 { "fo" } else { "fos" };
+    let mut pair = Pair::start(brokers, work, runtime, admin, name, standby_replicas)?;
+    let changes = reader(brokers, &format!("{name}-watch"))?;
+    changes.subscribe(&[&format!("{name}-changes")])?;
     let warm = Instant::now() + Duration::from_secs(15);
     while Instant::now() < warm {
         changes.poll(Duration::from_millis(50));
     }
-    let owned = owned_partitions(ports[1])?;
+    let owned = owned_partitions(pair.ports[1])?;
     let kill_ms = wall_clock_ms();
     let killed = Instant::now();
-    victim.kill()?;
-    let _ = victim.wait();
+    pair.victim.kill()?;
+    let _ = pair.victim.wait();
     let mut first: Option<(Duration, i64)> = None;
     let deadline = killed + Duration::from_secs(120);
     while first.is_none() && Instant::now() < deadline {
@@ -302,28 +341,124 @@ pub fn failover(
             first = Some((killed.elapsed(), produced_ms - kill_ms));
         }
     }
-    let restore = scrape(ports[0])
+    let restore = restore_summary(pair.ports[0]);
+    let rate = pair.rate;
+    pair.end();
+    let (seen, produced) = first
+        .context("no change from the survivor for the killed owner's partitions within 120 s")?;
+    println!(
+        "failover ({}; session.timeout.ms 6000; {rate:.0} events/s over {PARTITIONS} partitions, the killed owner had {owned:?}): kill -9 → first change of its partitions produced by the survivor {:.2} s, read downstream {:.2} s ({restore})",
+        standby_label(standby_replicas),
+        produced as f64 / 1000.0,
+        seen.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A planned handover: two instances under a steady load, SIGTERM one (it flushes, publishes
+/// its changelog tail and commits before leaving); the pause is what the handover adds to the
+/// latency of event-caused changes: publish time − event time, per partition, over the 30 s
+/// after the SIGTERM, against the same before it. Reported for the partitions that moved and
+/// for those that stayed (an eager rebalance stops those too).
+pub fn handover(
+    brokers: &str,
+    work: &std::path::Path,
+    runtime: &tokio::runtime::Runtime,
+    admin: &AdminClient<DefaultClientContext>,
+    standby_replicas: u32,
+) -> anyhow::Result<()> {
+    let name = if standby_replicas == 0 { "ho" } else { "hos" };
+    let pair = Pair::start(brokers, work, runtime, admin, name, standby_replicas)?;
+    let changes = reader(brokers, &format!("{name}-watch"))?;
+    changes.subscribe(&[&format!("{name}-changes")])?;
+    // Latency (ms) of event-caused changes, per partition: before the SIGTERM, and after.
+    let mut before: Vec<i64> = Vec::new();
+    let mut after: HashMap<i32, Vec<i64>> = HashMap::new();
+    let mut collect = |until: Instant, into_before: bool, from_ms: i64| {
+        while Instant::now() < until {
+            let Some(Ok(message)) = changes.poll(Duration::from_millis(20)) else {
+                continue;
+            };
+            let Some(latency) = event_latency(&message) else {
+                continue;
+            };
+            if latency.1 < from_ms {
+                continue;
+            }
+            let customer = std::str::from_utf8(message.key().unwrap_or_default()).unwrap_or("");
+            if into_before {
+                before.push(latency.0);
+            } else {
+                after
+                    .entry(partition_of(customer))
+                    .or_default()
+                    .push(latency.0);
+            }
+        }
+    };
+    let warm_from = wall_clock_ms() + 5_000;
+    collect(Instant::now() + Duration::from_secs(15), true, warm_from);
+    let moved = owned_partitions(pair.ports[1])?;
+    let term_ms = wall_clock_ms();
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pair.victim.id().to_string())
+        .status();
+    collect(Instant::now() + Duration::from_secs(30), false, term_ms - 2_000);
+    let restore = restore_summary(pair.ports[0]);
+    let rate = pair.rate;
+    pair.end();
+    before.sort_unstable();
+    let p99 = |v: &[i64]| v.get(v.len() * 99 / 100).copied().unwrap_or(0);
+    let baseline = p99(&before);
+    let worst = |moved_ones: bool| {
+        after
+            .iter()
+            .filter(|(p, _)| moved.contains(p) == moved_ones)
+            .map(|(p, v)| (*p, v.iter().copied().max().unwrap_or(0)))
+            .collect::<std::collections::BTreeMap<i32, i64>>()
+    };
+    let (moved_worst, stayed_worst) = (worst(true), worst(false));
+    if moved_worst.is_empty() {
+        bail!("no change of a moved partition within 30 s of the SIGTERM");
+    }
+    println!(
+        "planned handover ({}; {rate:.0} events/s over {PARTITIONS} partitions; SIGTERM to the owner of {moved:?}): event → publish latency p99 before {baseline} ms ({} changes); worst after, per moved partition {moved_worst:?} ms, per partition that stayed {stayed_worst:?} ms; pause ≈ worst − p99 before = {:.2} s moved, {:.2} s stayed ({restore})",
+        standby_label(standby_replicas),
+        before.len(),
+        (moved_worst.values().copied().max().unwrap_or(0) - baseline) as f64 / 1000.0,
+        (stayed_worst.values().copied().max().unwrap_or(0) - baseline) as f64 / 1000.0,
+    );
+    Ok(())
+}
+
+/// (publish time − event time, event time) of an event-caused change record, in ms.
+fn event_latency(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<(i64, i64)> {
+    let payload: serde_json::Value = serde_json::from_slice(message.payload()?).ok()?;
+    if payload.get("cause")?.as_str()? != "event" {
+        return None;
+    }
+    let at = segmenter::model::time::parse_rfc3339(payload.get("at")?.as_str()?).ok()?;
+    let published = message.timestamp().to_millis()?;
+    Some((published - at, at))
+}
+
+fn standby_label(standby_replicas: u32) -> String {
+    if standby_replicas == 0 {
+        "no standby".to_string()
+    } else {
+        format!("state.standby_replicas = {standby_replicas}")
+    }
+}
+
+/// The survivor's restores, from its metrics.
+fn restore_summary(port: u16) -> String {
+    scrape(port)
         .map(|t| {
             let sum = metric_sum(&t, "segmenter_restore_seconds_sum");
             let count = metric_sum(&t, "segmenter_restore_seconds_count");
             let records = metric_sum(&t, "segmenter_restore_records_total");
             format!("{count:.0} partition restores on the survivor, {records:.0} changelog records, {sum:.2} s in all")
         })
-        .unwrap_or_default();
-    loading.store(false, Ordering::Relaxed);
-    let _ = load.join();
-    stop(survivor);
-    let (seen, produced) = first
-        .context("no change from the survivor for the killed owner's partitions within 120 s")?;
-    println!(
-        "failover ({}; session.timeout.ms 6000; {rate:.0} events/s over {PARTITIONS} partitions, the killed owner had {owned:?}): kill -9 → first change of its partitions produced by the survivor {:.2} s, read downstream {:.2} s ({restore})",
-        if standby_replicas == 0 {
-            "no standby".to_string()
-        } else {
-            format!("state.standby_replicas = {standby_replicas}")
-        },
-        produced as f64 / 1000.0,
-        seen.as_secs_f64()
-    );
-    Ok(())
+        .unwrap_or_default()
 }
