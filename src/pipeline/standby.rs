@@ -265,7 +265,8 @@ pub fn run<St: Store + ?Sized>(context: &StandbyContext<'_, St>, shutdown: &Atom
                 ),
             }
             .and_then(|mut follower| {
-                let behind = follower.step(context.store, context.source, context.program, &stop)?;
+                let behind =
+                    follower.step(context.store, context.source, context.program, &stop)?;
                 Ok((follower, behind))
             });
             context.handoff.end();

@@ -404,7 +404,11 @@ pub fn handover(
         .arg("-TERM")
         .arg(pair.victim.id().to_string())
         .status();
-    collect(Instant::now() + Duration::from_secs(30), false, term_ms - 2_000);
+    collect(
+        Instant::now() + Duration::from_secs(30),
+        false,
+        term_ms - 2_000,
+    );
     let restore = restore_summary(pair.ports[0]);
     let rate = pair.rate;
     pair.end();

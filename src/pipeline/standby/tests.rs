@@ -9,10 +9,13 @@ use crate::pipeline::restore::{bring_up_to_date, ChangelogMessage};
 use crate::rules::Program;
 use crate::store::MemoryStore;
 
+/// One changelog record: key, value (`None`: a tombstone) and writer.
+type LogRecord = (Vec<u8>, Option<Vec<u8>>, [u8; 8]);
+
 /// A changelog partition in memory that grows as its owner writes.
 #[derive(Default)]
 struct GrowingSource {
-    records: RefCell<Vec<(Vec<u8>, Option<Vec<u8>>, [u8; 8])>>,
+    records: RefCell<Vec<LogRecord>>,
     reads: RefCell<Vec<(i64, i64)>>,
 }
 
@@ -51,10 +54,10 @@ const ME: [u8; 8] = *b"me......";
 const OWNER: [u8; 8] = *b"owner...";
 
 fn program() -> Arc<Program> {
-    Arc::new(crate::rules::compile_rules(&[(
-        "s",
-        "since(last(\"Order Completed\")) >= 1h",
-    )]))
+    Arc::new(crate::rules::compile_rules(&[
+        ("s", "since(last(\"Order Completed\")) >= 1h"),
+        ("b", "count(\"Order Completed\") >= 2"),
+    ]))
 }
 
 fn event(customer: &str, at: i64) -> Event {
@@ -156,10 +159,25 @@ fn a_followed_copy_hands_over_with_a_tail_restore() {
     let standby = MemoryStore::default();
     let never = || false;
     let mut follower = Follower::start(0, &standby, &source, &ME, &never).expect("start");
-    assert_eq!(follower.step(&standby, &source, &program, &never).expect("step"), 27);
-    assert_eq!(follower.step(&standby, &source, &program, &never).expect("step"), 0);
+    assert_eq!(
+        follower
+            .step(&standby, &source, &program, &never)
+            .expect("step"),
+        27
+    );
+    assert_eq!(
+        follower
+            .step(&standby, &source, &program, &never)
+            .expect("step"),
+        0
+    );
     owner.batch(&events[25..32], &source);
-    assert_eq!(follower.step(&standby, &source, &program, &never).expect("step"), 8);
+    assert_eq!(
+        follower
+            .step(&standby, &source, &program, &never)
+            .expect("step"),
+        8
+    );
     // The owner dies after one more batch; the standby did not see it.
     owner.batch(&events[32..], &source);
     drop(follower);
@@ -187,6 +205,7 @@ fn a_followed_copy_hands_over_with_a_tail_restore() {
     for key in [
         keys::members_version(0),
         keys::members_count(0, "s"),
+        keys::members_count(0, "b"),
         keys::clock(0),
         keys::input_offset(0, "e"),
         keys::changelog_next(0),
@@ -224,7 +243,9 @@ fn an_ahead_copy_is_rebuilt_before_it_is_followed() {
     assert!(!ahead.ahead, "no outbox here: a tail over the local copy");
     let never = || false;
     let mut follower = Follower::start(0, &store, &source, &ME, &never).expect("start");
-    follower.step(&store, &source, &program, &never).expect("step");
+    follower
+        .step(&store, &source, &program, &never)
+        .expect("step");
     assert!(store
         .get(Table::Customers, &keys::customer(0, "a"))
         .expect("read")
