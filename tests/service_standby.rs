@@ -92,18 +92,25 @@ fn a_standby_copy_takes_over_from_a_killed_owner_with_a_tail_restore() {
         "{b} took over partitions {victim:?}: {read} changelog records read; they hold \
          {whole} ballast customers"
     ));
-    assert!(
-        read < whole / 4.0,
-        "the takeover read {read} changelog records for partitions {victim:?}, which hold \
-         {whole} ballast customers: the standby copies were not used"
-    );
+    if read >= whole / 4.0 {
+        let kept = cluster.keep_dir();
+        panic!(
+            "the takeover read {read} changelog records for partitions {victim:?}, which hold \
+             {whole} ballast customers: the standby copies were not used (logs in {})",
+            kept.display()
+        );
+    }
     // Each copy is a restore kept open: the takeover continues it (`restore::bring_up_to_date`).
     let taken_over = continued(&cluster) - continued_before;
-    assert!(
-        taken_over >= victim.len(),
-        "{b} continued {taken_over} standby copies for the {} partitions it took over",
-        victim.len()
-    );
+    if taken_over < victim.len() {
+        let kept = cluster.keep_dir();
+        panic!(
+            "{b} continued {taken_over} standby copies for the {} partitions it took over (logs \
+             in {})",
+            victim.len(),
+            kept.display()
+        );
+    }
 
     cluster.wait_produced(0.6);
     cluster.restart(&a);

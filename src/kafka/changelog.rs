@@ -14,7 +14,10 @@
 //! last transaction was aborted by that fencing — which read as an empty changelog. An end of
 //! partition reported before the end offset is not taken as the end either.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -24,6 +27,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use super::{base_config, client, KafkaSetupError};
 use crate::outbox::WRITER_HEADER;
 use crate::pipeline::restore::{ChangelogMessage, ChangelogSource};
+use crate::pipeline::standby::ChangelogFeed;
 use crate::settings::KafkaSettings;
 
 /// How long one poll waits before checking whether to stop.
@@ -56,48 +60,148 @@ pub struct ChangelogReader {
     timeout: Duration,
 }
 
+/// The changelog consumers' common configuration (outside the group, no commits, the end of a
+/// partition reported), with `isolation.level` as `read_committed` says.
+fn reader_config(settings: &KafkaSettings, read_committed: bool) -> ClientConfig {
+    let mut config = base_config(settings);
+    config
+        // Never joins or commits to a group; librdkafka wants an id all the same.
+        .set(
+            "group.id",
+            format!("{}-changelog-reader", settings.group_id),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        // Bigger fetches than the input's: a restore reads as fast as it can write.
+        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("queued.max.messages.kbytes", "65536")
+        .set(
+            "isolation.level",
+            if read_committed {
+                // Aborted transactions' changelog records are not state (on a broker that
+                // hides them).
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        );
+    config
+}
+
 impl ChangelogReader {
     pub fn new(
         settings: &KafkaSettings,
         topic: &str,
         timeout: Duration,
     ) -> Result<ChangelogReader, KafkaSetupError> {
-        let mut config = base_config(settings);
-        config
-            // Never joins or commits to a group; librdkafka wants an id all the same.
-            .set(
-                "group.id",
-                format!("{}-changelog-reader", settings.group_id),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
-            // Bigger fetches than the input's: a restore reads as fast as it can write.
-            .set("fetch.max.bytes", "52428800")
-            .set("max.partition.fetch.bytes", "16777216")
-            .set("queued.max.messages.kbytes", "65536");
-        let mut ends = None;
-        config.set("isolation.level", "read_uncommitted");
-        if settings.read_committed {
-            ends = Some(
-                config
+        let ends = if settings.read_committed {
+            Some(
+                reader_config(settings, false)
                     .create_with_context(ReaderContext)
                     .map_err(client("creating the changelog end reader"))?,
-            );
-            // Aborted transactions' changelog records are not state (on a broker that hides
-            // them).
-            config.set("isolation.level", "read_committed");
-        }
-        let consumer: BaseConsumer<ReaderContext> = config
-            .create_with_context(ReaderContext)
-            .map_err(client("creating the changelog reader"))?;
+            )
+        } else {
+            None
+        };
+        let consumer: BaseConsumer<ReaderContext> =
+            reader_config(settings, settings.read_committed)
+                .create_with_context(ReaderContext)
+                .map_err(client("creating the changelog reader"))?;
         Ok(ChangelogReader {
             consumer,
             ends,
             topic: topic.to_string(),
             timeout,
         })
+    }
+}
+
+/// The standby's consumer (`pipeline::standby`): assigned to every followed changelog
+/// partition at once and polled continuously, so following costs no assignment or end-offset
+/// round trip per read.
+pub struct ChangelogFollower {
+    consumer: BaseConsumer<ReaderContext>,
+    /// Asks for the end offsets, `read_uncommitted` (as [`ChangelogReader`]'s).
+    ends: BaseConsumer<ReaderContext>,
+    topic: String,
+    timeout: Duration,
+}
+
+impl ChangelogFollower {
+    pub fn new(
+        settings: &KafkaSettings,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<ChangelogFollower, KafkaSetupError> {
+        Ok(ChangelogFollower {
+            consumer: reader_config(settings, settings.read_committed)
+                .create_with_context(ReaderContext)
+                .map_err(client("creating the standby's changelog reader"))?,
+            ends: reader_config(settings, false)
+                .create_with_context(ReaderContext)
+                .map_err(client("creating the standby's changelog end reader"))?,
+            topic: topic.to_string(),
+            timeout,
+        })
+    }
+}
+
+impl ChangelogFeed for ChangelogFollower {
+    fn follow(&mut self, from: &BTreeMap<i32, i64>) -> Result<(), String> {
+        let mut assignment = TopicPartitionList::new();
+        for (&partition, &offset) in from {
+            assignment
+                .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
+                .map_err(|e| e.to_string())?;
+        }
+        self.consumer
+            .assign(&assignment)
+            .map_err(|e| format!("assigning {} for the standby: {e}", self.topic))
+    }
+
+    fn poll(
+        &mut self,
+        wait: Duration,
+        visit: &mut dyn FnMut(i32, ChangelogMessage<'_>),
+    ) -> Result<(), String> {
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            match self.consumer.poll(left.min(POLL)) {
+                None | Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Ok(message)) => {
+                    let writer = message.headers().and_then(|headers| {
+                        headers
+                            .iter()
+                            .find(|h| h.key == WRITER_HEADER)
+                            .and_then(|h| h.value)
+                    });
+                    visit(
+                        message.partition(),
+                        ChangelogMessage {
+                            offset: message.offset(),
+                            key: message.key().unwrap_or_default(),
+                            value: message.payload(),
+                            writer,
+                        },
+                    );
+                }
+                Some(Err(error)) => return Err(error.to_string()),
+            }
+        }
+    }
+
+    fn end(&self, partition: i32) -> Result<i64, String> {
+        self.ends
+            .fetch_watermarks(&self.topic, partition, self.timeout)
+            .map(|(_, high)| high)
+            .map_err(|e| format!("reading the end offset of {}/{partition}: {e}", self.topic))
     }
 }
 

@@ -60,7 +60,7 @@ pub enum RestoreError {
 /// Records written per batch: ~14 MB of states plus their index entries, under RocksDB's
 /// 32 MiB write buffer (100,000 states, ~57 MB, switched memtables within every write;
 /// bench_restore: 17–21 s → 11.1–11.6 s for 1 M customers).
-const BATCH: usize = 25_000;
+pub(crate) const BATCH: usize = 25_000;
 
 /// What a restore did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,34 +194,19 @@ pub fn bring_up_to_date<St: Store + ?Sized>(
 
 /// What [`apply_changelog`] leaves for its caller: whether it read to the end, and the last
 /// batch's writes (the progress record not in them yet) with the indexer that made them.
-pub(crate) struct Applied<'a> {
-    pub completed: bool,
+struct Applied<'a> {
+    completed: bool,
     indexer: Indexer<'a>,
-    pub writes: WriteSet,
-}
-
-impl Applied<'_> {
-    /// Saves the indexer's counts into the pending writes and hands them out (a standby step,
-    /// which never finishes its restore).
-    pub(crate) fn into_writes(self) -> WriteSet {
-        let Applied {
-            indexer,
-            mut writes,
-            ..
-        } = self;
-        indexer.finish(&mut writes);
-        writes
-    }
+    writes: WriteSet,
 }
 
 /// Reads partition `partition`'s changelog from `restore.next_offset` to (at least)
 /// `restore.end_offset` into the store: every [`BATCH`] records one write with the progress
-/// and the timers and members index kept in step ([`Indexer`]). Shared by the restore of an
-/// assigned partition and a standby's copy (`pipeline::standby`), so a copy the owner takes
-/// over has the same indexes a restore would have written. `wiped`: the local copy was wiped
-/// for this restore and nothing is written yet. `first_writes` go out with the first batch.
+/// and the timers and members index kept in step ([`Indexer`], which a standby's copy,
+/// `pipeline::standby`, uses the same way). `wiped`: the local copy was wiped for this restore
+/// and nothing is written yet. `first_writes` go out with the first batch.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn apply_changelog<'a, St: Store + ?Sized>(
+fn apply_changelog<'a, St: Store + ?Sized>(
     partition: i32,
     store: &St,
     source: &dyn ChangelogSource,
@@ -354,7 +339,7 @@ pub(crate) fn tail_is_own(
 /// (its version key) with every count stored, or wiped by this restore; and every state in the
 /// current layout (a state in an older layout needs re-slotting: rare, after a definitions
 /// change). Otherwise its version key is dropped and the worker rebuilds it at open.
-struct Indexer<'a> {
+pub(crate) struct Indexer<'a> {
     p: u32,
     program: &'a Program,
     layout_id: u64,
@@ -372,7 +357,7 @@ struct Indexer<'a> {
 }
 
 impl<'a> Indexer<'a> {
-    fn new<St: Store + ?Sized>(
+    pub(crate) fn new<St: Store + ?Sized>(
         p: u32,
         program: &'a Program,
         store: &St,
@@ -399,7 +384,7 @@ impl<'a> Indexer<'a> {
     }
 
     /// Adds to `writes` the index changes of customer `id`'s new state (`None`: erased).
-    fn index<St: Store + ?Sized>(
+    pub(crate) fn index<St: Store + ?Sized>(
         &mut self,
         store: &St,
         id: &str,
@@ -501,7 +486,7 @@ impl<'a> Indexer<'a> {
     }
 
     /// The batch was written: the store holds its states now.
-    fn written(&mut self) {
+    pub(crate) fn written(&mut self) {
         if let Some(earlier) = self.earlier.as_mut() {
             earlier.extend(self.batch.keys().map(|id| hash(id)));
         }
@@ -510,7 +495,7 @@ impl<'a> Indexer<'a> {
 
     /// Adds the counts (and the version key) to a batch's writes, or drops the version key of
     /// an index no longer kept.
-    fn save(&mut self, writes: &mut WriteSet) {
+    pub(crate) fn save(&mut self, writes: &mut WriteSet) {
         let version = keys::members_version(self.p);
         match &self.members {
             Some(counts) => {
@@ -535,7 +520,7 @@ impl<'a> Indexer<'a> {
         }
     }
 
-    fn finish(mut self, writes: &mut WriteSet) {
+    pub(crate) fn finish(mut self, writes: &mut WriteSet) {
         self.save(writes);
     }
 }
@@ -545,7 +530,7 @@ impl<'a> Indexer<'a> {
 /// previous one instead of searching its skip list from the top for every key: the members
 /// index and timer keys of a batch, in changelog order, are spread over the whole partition.
 /// (bench_restore, 1 M customers: the batch writes took 19 s unsorted, 7.8 s sorted.)
-fn sort_for_memtable(writes: &mut WriteSet) {
+pub(crate) fn sort_for_memtable(writes: &mut WriteSet) {
     writes
         .ops
         .sort_by(|(ta, ka, _), (tb, kb, _)| (*ta, ka).cmp(&(*tb, kb)));

@@ -11,9 +11,12 @@
 //! cost: each instance stores and reads the changelog of every partition).
 //!
 //! ## A copy is a restore that never finishes
-//! A [`Follower`] is a [`Restore`] kept open: it applies the changelog in batches exactly as a
-//! restore does, saving its progress (`keys::restore`) with every batch, and never calls
-//! `finish`. When the partition is assigned here, the partition's thread first [`Handoff::claim`]s
+//! A [`Follower`] is a [`Restore`] kept open: it applies the changelog exactly as a restore
+//! does, timers and members index kept in step by the restore's own [`Indexer`], saving its
+//! progress (`keys::restore`) with every batch write, and never calls `finish`. One consumer
+//! ([`ChangelogFeed`]) stays assigned to every followed partition and streams their records;
+//! each follower's writes go out at least every [`INTERVAL`] (or every [`restore::BATCH`]
+//! records), so a copy is at most about that far behind its owner. When the partition is assigned here, the partition's thread first [`Handoff::claim`]s
 //! it (waiting for a step in progress to stop and save), and `restore::bring_up_to_date` then
 //! continues that saved restore to the changelog's current end: only the tail is read, and the
 //! finish (input offsets, clock and skip marks of the last checkpoint, timers, members index) is
@@ -26,8 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::changelog::{self, Plan, Restore};
-use crate::pipeline::restore::{self, ChangelogSource, RestoreError};
+use crate::changelog::{self, Plan, Record, Restore};
+use crate::pipeline::restore::{self, ChangelogMessage, ChangelogSource, Indexer, RestoreError};
 use crate::rules::Program;
 use crate::store::{keys, Store, Table, WriteSet};
 
@@ -38,6 +41,23 @@ pub fn followed(partitions: i32, owned: &BTreeSet<i32>, replicas: u32) -> Vec<i3
         return Vec::new();
     }
     (0..partitions).filter(|p| !owned.contains(p)).collect()
+}
+
+/// A stream of the records of several changelog partitions at once (the standby's consumer,
+/// `kafka::changelog` in the service): assigned once, not per read.
+pub trait ChangelogFeed {
+    /// From now on streams exactly these partitions, each from its offset.
+    fn follow(&mut self, from: &BTreeMap<i32, i64>) -> Result<(), String>;
+
+    /// Calls `visit` with each record (and its partition) that arrives within `wait`.
+    fn poll(
+        &mut self,
+        wait: Duration,
+        visit: &mut dyn FnMut(i32, ChangelogMessage<'_>),
+    ) -> Result<(), String>;
+
+    /// The partition's end offset (for the lag; may be a round trip).
+    fn end(&self, partition: i32) -> Result<i64, String>;
 }
 
 /// Who writes a partition's local copy: the standby or the partition's owner, never both.
@@ -56,8 +76,8 @@ struct HandoffState {
 }
 
 impl Handoff {
-    /// The partition is to be restored and run here: waits until no standby step writes it;
-    /// from then on the standby leaves it alone until [`Handoff::release`].
+    /// The partition is to be restored and run here: waits until no standby write is in
+    /// progress on it; from then on the standby leaves it alone until [`Handoff::release`].
     pub fn claim(&self, partition: i32) {
         let Ok(mut state) = self.inner.lock() else {
             return;
@@ -85,7 +105,7 @@ impl Handoff {
             .map_or(true, |state| state.claimed.contains(&partition))
     }
 
-    /// A standby step may write the partition (`false`: it is claimed).
+    /// A standby write to the partition may start (`false`: it is claimed).
     fn begin(&self, partition: i32) -> bool {
         let Ok(mut state) = self.inner.lock() else {
             return false;
@@ -103,122 +123,162 @@ impl Handoff {
         }
         self.changed.notify_all();
     }
+
+    /// Runs `write` unless the partition is claimed (`None` then).
+    fn write<T>(&self, partition: i32, write: impl FnOnce() -> T) -> Option<T> {
+        if !self.begin(partition) {
+            return None;
+        }
+        let outcome = write();
+        self.end();
+        Some(outcome)
+    }
 }
 
-/// A warm copy of one partition, following its changelog.
-pub struct Follower {
+/// A warm copy of one partition, following its changelog: the records applied since its last
+/// write are held in `writes` until [`Follower::flush`].
+pub struct Follower<'a> {
     partition: i32,
     restore: Restore,
-    /// The copy was wiped by [`Follower::start`] and nothing is written to it yet (the first
-    /// step's indexes start from empty).
-    wiped: bool,
+    indexer: Indexer<'a>,
+    writes: WriteSet,
+    pending: usize,
 }
 
-impl Follower {
+impl<'a> Follower<'a> {
     /// Starts (or continues) following: the saved progress of an earlier follow or interrupted
     /// restore if any, else what [`changelog::plan`] says the local copy lacks (the whole
-    /// changelog over a wiped copy if it cannot be trusted).
+    /// changelog over a wiped copy if it cannot be trusted, or if there is none).
     pub fn start<St: Store + ?Sized>(
         partition: i32,
         store: &St,
         source: &dyn ChangelogSource,
         writer: &[u8; 8],
+        program: &'a Program,
         stop: &dyn Fn() -> bool,
-    ) -> Result<Follower, RestoreError> {
+    ) -> Result<Follower<'a>, RestoreError> {
         let p = partition as u32;
-        if let Some(saved) = store.get(Table::Meta, &keys::restore(p))? {
-            let restore: Restore = serde_json::from_slice(&saved)
-                .map_err(|e| RestoreError::Local(format!("restore progress: {e}")))?;
-            return Ok(Follower {
-                partition,
-                restore,
-                wiped: false,
-            });
-        }
-        let local = restore::local_copy(p, store)?;
-        let (low, high) = source
-            .watermarks(partition)
-            .map_err(RestoreError::Changelog)?;
-        let plan = changelog::plan(local, low, high, |from, to| {
-            restore::tail_is_own(partition, source, from, to, writer, stop).unwrap_or(false)
-        });
-        if stop() {
-            return Err(RestoreError::Interrupted);
-        }
         let mut writes = WriteSet::default();
-        let wiped = matches!(plan, Plan::Full { .. });
-        let restore = match plan {
-            Plan::UpToDate => Restore::new(high, high),
-            Plan::Tail { from, to } => Restore::new(from, to),
-            Plan::Full { from, to } => {
-                changelog::wipe(p, &mut writes);
-                Restore::new(from, to)
+        let (restore, wiped) = match store.get(Table::Meta, &keys::restore(p))? {
+            Some(saved) => {
+                let restore: Restore = serde_json::from_slice(&saved)
+                    .map_err(|e| RestoreError::Local(format!("restore progress: {e}")))?;
+                (restore, false)
+            }
+            None => {
+                let local = restore::local_copy(p, store)?;
+                let (low, high) = source
+                    .watermarks(partition)
+                    .map_err(RestoreError::Changelog)?;
+                let plan = changelog::plan(local, low, high, |from, to| {
+                    restore::tail_is_own(partition, source, from, to, writer, stop).unwrap_or(false)
+                });
+                if stop() {
+                    return Err(RestoreError::Interrupted);
+                }
+                tracing::info!(
+                    partition,
+                    ?plan,
+                    low,
+                    high,
+                    "standby: following the changelog"
+                );
+                // Without local state the copy starts from nothing: wiped (of any stray
+                // index entries), so its indexes are kept from empty.
+                let wiped = matches!(plan, Plan::Full { .. }) || !local.has_state;
+                if wiped {
+                    changelog::wipe(p, &mut writes);
+                }
+                let restore = match plan {
+                    Plan::UpToDate => Restore::new(high, high),
+                    Plan::Tail { from, to } | Plan::Full { from, to } => Restore::new(from, to),
+                };
+                (restore, wiped)
             }
         };
-        tracing::info!(
-            partition,
-            ?plan,
-            low,
-            high,
-            "standby: following the changelog"
-        );
+        let mut indexer = Indexer::new(p, program, store, restore.indexed, wiped)?;
+        indexer.save(&mut writes);
         restore.save(p, &mut writes);
         store.write(writes)?;
         Ok(Follower {
             partition,
             restore,
-            wiped,
+            indexer,
+            writes: WriteSet::default(),
+            pending: 0,
         })
     }
 
-    /// Applies what the changelog holds beyond the copy, in batches with the progress. Returns
-    /// how many offsets the copy was behind the changelog's end when the step began.
-    pub fn step<St: Store + ?Sized>(
+    /// The next changelog offset this copy needs.
+    pub fn next_offset(&self) -> i64 {
+        self.restore.next_offset
+    }
+
+    /// Records applied but not written yet.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Applies one changelog record to the pending writes (a record below the copy's position,
+    /// re-sent after a re-assignment, is skipped).
+    pub fn apply<St: Store + ?Sized>(
         &mut self,
         store: &St,
-        source: &dyn ChangelogSource,
-        program: &Program,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<i64, RestoreError> {
-        let p = self.partition as u32;
-        let (_, high) = source
-            .watermarks(self.partition)
-            .map_err(RestoreError::Changelog)?;
-        let behind = (high - self.restore.next_offset).max(0);
-        self.restore.end_offset = self.restore.end_offset.max(high);
-        if behind == 0 {
-            return Ok(0);
+        message: &ChangelogMessage<'_>,
+    ) -> Result<(), RestoreError> {
+        let offset = message.offset;
+        if offset < self.restore.next_offset {
+            return Ok(());
         }
-        let wiped = std::mem::take(&mut self.wiped);
-        let applied = restore::apply_changelog(
-            self.partition,
-            store,
-            source,
-            program,
-            &mut self.restore,
-            wiped,
-            WriteSet::default(),
-            stop,
-            &|_, _| {},
-        )?;
-        // What was applied is saved whether the read completed or stopped.
-        let mut writes = applied.into_writes();
+        let record = changelog::parse(message.key, message.value).map_err(|error| {
+            RestoreError::Corrupt {
+                offset,
+                reason: error.0,
+            }
+        })?;
+        if let Record::Customer { id, value } = &record {
+            let state = value.as_ref().map(|record| record.state);
+            self.indexer
+                .index(store, id, state, offset, &mut self.writes)?;
+        }
+        self.restore
+            .apply_record(self.partition as u32, offset, record, &mut self.writes);
+        self.restore.end_offset = self.restore.end_offset.max(self.restore.next_offset);
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Writes what was applied, with the indexes and the progress, in one batch.
+    pub fn flush<St: Store + ?Sized>(&mut self, store: &St) -> Result<(), RestoreError> {
+        if self.pending == 0 {
+            return Ok(());
+        }
+        let p = self.partition as u32;
+        let mut writes = std::mem::take(&mut self.writes);
+        self.indexer.save(&mut writes);
         self.restore.save(p, &mut writes);
+        restore::sort_for_memtable(&mut writes);
         store.write(writes)?;
-        Ok(behind)
+        self.indexer.written();
+        self.pending = 0;
+        Ok(())
     }
 }
 
-/// How often the standby looks at the changelogs it follows.
+/// How long the standby reads before it writes what it applied and looks at the assignment.
 const INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often the lag of each copy is read (a round trip per partition).
+const LAG_EVERY: Duration = Duration::from_secs(2);
 
 /// What the standby thread needs from the service.
 pub struct StandbyContext<'a, St: Store + ?Sized> {
     pub store: &'a St,
+    /// For planning a copy's start (watermarks, its own tail).
     pub source: &'a dyn ChangelogSource,
     pub writer: [u8; 8],
-    pub handoff: &'a Handoff,
     pub program: &'a Program,
+    pub handoff: &'a Handoff,
     pub partitions: i32,
     pub replicas: u32,
     /// The partitions assigned here now.
@@ -227,14 +287,23 @@ pub struct StandbyContext<'a, St: Store + ?Sized> {
     pub lag: &'a dyn Fn(i32, Option<i64>),
 }
 
-/// The standby loop (its own thread): until `shutdown`, steps every followed partition in turn,
-/// then waits [`INTERVAL`].
-pub fn run<St: Store + ?Sized>(context: &StandbyContext<'_, St>, shutdown: &AtomicBool) {
-    let mut followers: BTreeMap<i32, Follower> = BTreeMap::new();
+/// The standby loop (its own thread), until `shutdown`: keeps one follower per followed
+/// partition, the feed assigned to exactly those, and every [`INTERVAL`] writes what each
+/// applied — unless its partition was claimed by an owner thread here meanwhile, when the
+/// follower is dropped with its unwritten records (the store holds its last written progress,
+/// which the owner's restore continues).
+pub fn run<St: Store + ?Sized>(
+    context: &StandbyContext<'_, St>,
+    feed: &mut dyn ChangelogFeed,
+    shutdown: &AtomicBool,
+) {
+    let mut followers: BTreeMap<i32, Follower<'_>> = BTreeMap::new();
+    let mut assigned: Option<BTreeSet<i32>> = None;
+    let mut lag_at = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
         let wanted = followed(context.partitions, &(context.owned)(), context.replicas);
         followers.retain(|p, _| {
-            let keep = wanted.contains(p);
+            let keep = wanted.contains(p) && !context.handoff.is_claimed(*p);
             if !keep {
                 (context.lag)(*p, None);
                 tracing::info!(partition = *p, "standby: no longer following");
@@ -242,49 +311,94 @@ pub fn run<St: Store + ?Sized>(context: &StandbyContext<'_, St>, shutdown: &Atom
             keep
         });
         for &partition in &wanted {
-            if shutdown.load(Ordering::Relaxed) {
-                break;
-            }
-            if !context.handoff.begin(partition) {
-                // Assigned here: the owner continues from the copy; a later follow starts
-                // afresh from the store.
-                if followers.remove(&partition).is_some() {
-                    (context.lag)(partition, None);
-                }
+            if followers.contains_key(&partition) || shutdown.load(Ordering::Relaxed) {
                 continue;
             }
             let stop = || shutdown.load(Ordering::Relaxed) || context.handoff.is_claimed(partition);
-            let outcome = match followers.remove(&partition) {
-                Some(follower) => Ok(follower),
-                None => Follower::start(
+            let started = context.handoff.write(partition, || {
+                Follower::start(
                     partition,
                     context.store,
                     context.source,
                     &context.writer,
+                    context.program,
                     &stop,
-                ),
-            }
-            .and_then(|mut follower| {
-                let behind =
-                    follower.step(context.store, context.source, context.program, &stop)?;
-                Ok((follower, behind))
+                )
             });
-            context.handoff.end();
-            match outcome {
-                Ok((follower, behind)) => {
-                    (context.lag)(partition, Some(behind));
+            match started {
+                None | Some(Err(RestoreError::Interrupted)) => {}
+                Some(Ok(follower)) => {
                     followers.insert(partition, follower);
                 }
-                Err(RestoreError::Interrupted) => {}
-                Err(error) => {
-                    // Tried again from the saved progress at the next round.
+                Some(Err(error)) => {
                     tracing::warn!(partition, %error, "standby: following the changelog failed");
                 }
             }
         }
-        let until = Instant::now() + INTERVAL;
-        while Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50));
+        let now: BTreeSet<i32> = followers.keys().copied().collect();
+        if assigned.as_ref() != Some(&now) {
+            let from = followers
+                .iter()
+                .map(|(p, f)| (*p, f.next_offset()))
+                .collect();
+            match feed.follow(&from) {
+                Ok(()) => assigned = Some(now),
+                Err(error) => {
+                    tracing::warn!(%error, "standby: assigning the changelog partitions failed");
+                    assigned = None;
+                }
+            }
+        }
+        let mut failed: Vec<(i32, RestoreError)> = Vec::new();
+        let polled = feed.poll(INTERVAL, &mut |partition, message| {
+            let Some(follower) = followers.get_mut(&partition) else {
+                return;
+            };
+            let mut outcome = follower.apply(context.store, &message);
+            if outcome.is_ok() && follower.pending() >= restore::BATCH {
+                outcome = context
+                    .handoff
+                    .write(partition, || follower.flush(context.store))
+                    .unwrap_or(Ok(()));
+            }
+            if let Err(error) = outcome {
+                failed.push((partition, error));
+            }
+        });
+        if let Err(error) = polled {
+            tracing::warn!(%error, "standby: reading the changelog failed");
+        }
+        for (partition, error) in failed {
+            // Started again from its written progress at the next round.
+            tracing::warn!(partition, %error, "standby: following the changelog failed");
+            followers.remove(&partition);
+        }
+        let mut dropped = Vec::new();
+        for (&partition, follower) in followers.iter_mut() {
+            match context
+                .handoff
+                .write(partition, || follower.flush(context.store))
+            {
+                Some(Ok(())) => {}
+                // Claimed: the owner continues from the copy's last written progress.
+                None => dropped.push(partition),
+                Some(Err(error)) => {
+                    tracing::warn!(partition, %error, "standby: writing the copy failed");
+                    dropped.push(partition);
+                }
+            }
+        }
+        for partition in dropped {
+            followers.remove(&partition);
+            (context.lag)(partition, None);
+        }
+        if lag_at.elapsed() >= LAG_EVERY {
+            lag_at = Instant::now();
+            for (&partition, follower) in &followers {
+                if let Ok(end) = feed.end(partition) {
+                    (context.lag)(partition, Some((end - follower.next_offset()).max(0)));
+                }
+            }
         }
     }
 }
@@ -302,14 +416,20 @@ pub fn spawn(
     let spawned = std::thread::Builder::new()
         .name("standby".into())
         .spawn(move || {
-            let reader = loop {
-                match crate::kafka::changelog::ChangelogReader::new(
+            let clients = loop {
+                let reader = crate::kafka::changelog::ChangelogReader::new(
                     &shared.kafka,
                     &shared.topics.changelog,
                     Duration::from_secs(5),
-                ) {
-                    Ok(reader) => break reader,
-                    Err(error) => {
+                );
+                let feed = crate::kafka::changelog::ChangelogFollower::new(
+                    &shared.kafka,
+                    &shared.topics.changelog,
+                    Duration::from_secs(5),
+                );
+                match (reader, feed) {
+                    (Ok(reader), Ok(feed)) => break (reader, feed),
+                    (Err(error), _) | (_, Err(error)) => {
                         tracing::warn!(%error, "standby: no changelog reader; retrying");
                         std::thread::sleep(Duration::from_secs(1));
                         if shutdown.load(Ordering::Relaxed) {
@@ -318,6 +438,7 @@ pub fn spawn(
                     }
                 }
             };
+            let (reader, mut feed) = clients;
             let owned = || shared.owned_partitions().into_iter().collect();
             let lag = |partition: i32, behind: Option<i64>| {
                 let label = partition.to_string();
@@ -343,7 +464,7 @@ pub fn spawn(
                 owned: &owned,
                 lag: &lag,
             };
-            run(&context, &shutdown);
+            run(&context, &mut feed, &shutdown);
         });
     match spawned {
         Ok(thread) => Some(thread),
