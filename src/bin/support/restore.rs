@@ -356,9 +356,10 @@ pub fn failover(
 }
 
 /// A planned handover: two instances under a steady load, SIGTERM one (it flushes, publishes
-/// its changelog tail and commits before leaving); the pause is what the handover adds to the
-/// latency of event-caused changes: publish time − event time, per partition, over the 30 s
-/// after the SIGTERM, against the same before it. Reported for the partitions that moved and
+/// its changelog tail and commits before leaving). Changes are frequent on every partition
+/// under this load, so a partition's pause shows as the longest gap between consecutive
+/// changes of it read downstream (by arrival): over the 30 s after the SIGTERM,
+/// against the longest gap in the 10 s before it. Reported for the partitions that moved and
 /// for those that stayed (an eager rebalance stops those too).
 pub fn handover(
     brokers: &str,
@@ -370,81 +371,84 @@ pub fn handover(
     let name = if standby_replicas == 0 { "ho" } else { "hos" };
     let pair = Pair::start(brokers, work, runtime, admin, name, standby_replicas)?;
     let changes = reader(brokers, &format!("{name}-watch"))?;
-    changes.subscribe(&[&format!("{name}-changes")])?;
-    // Latency (ms) of event-caused changes, per partition: before the SIGTERM, and after.
-    let mut before: Vec<i64> = Vec::new();
-    let mut after: HashMap<i32, Vec<i64>> = HashMap::new();
-    let mut collect = |until: Instant, into_before: bool, from_ms: i64| {
+    // Assigned, not subscribed: read live from now on, without waiting for a group join.
+    let topic = format!("{name}-changes");
+    let metadata = changes.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+    let count = metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len() as i32);
+    if count == 0 {
+        bail!("{topic} has no partitions");
+    }
+    let mut live = TopicPartitionList::new();
+    for partition in 0..count {
+        live.add_partition_offset(&topic, partition, Offset::End)?;
+    }
+    changes.assign(&live)?;
+    // Arrival times (ms) of the changes, per partition.
+    let mut published: HashMap<i32, Vec<i64>> = HashMap::new();
+    let mut collect = |until: Instant| {
         while Instant::now() < until {
             let Some(Ok(message)) = changes.poll(Duration::from_millis(20)) else {
                 continue;
             };
-            let Some(latency) = event_latency(&message) else {
-                continue;
-            };
-            if latency.1 < from_ms {
-                continue;
-            }
+            // When it arrives here (fetch.wait.max.ms 10): the record timestamp is the
+            // change's cause time, not its publish time.
+            let at = wall_clock_ms();
             let customer = std::str::from_utf8(message.key().unwrap_or_default()).unwrap_or("");
-            if into_before {
-                before.push(latency.0);
-            } else {
-                after
-                    .entry(partition_of(customer))
-                    .or_default()
-                    .push(latency.0);
-            }
+            published
+                .entry(partition_of(customer))
+                .or_default()
+                .push(at);
         }
     };
-    let warm_from = wall_clock_ms() + 5_000;
-    collect(Instant::now() + Duration::from_secs(15), true, warm_from);
+    collect(Instant::now() + Duration::from_secs(15));
     let moved = owned_partitions(pair.ports[1])?;
     let term_ms = wall_clock_ms();
     let _ = std::process::Command::new("kill")
         .arg("-TERM")
         .arg(pair.victim.id().to_string())
         .status();
-    collect(
-        Instant::now() + Duration::from_secs(30),
-        false,
-        term_ms - 2_000,
-    );
+    collect(Instant::now() + Duration::from_secs(30));
     let restore = restore_summary(pair.ports[0]);
     let rate = pair.rate;
     pair.end();
-    before.sort_unstable();
-    let p99 = |v: &[i64]| v.get(v.len() * 99 / 100).copied().unwrap_or(0);
-    let baseline = p99(&before);
-    let worst = |moved_ones: bool| {
-        after
-            .iter()
-            .filter(|(p, _)| moved.contains(p) == moved_ones)
-            .map(|(p, v)| (*p, v.iter().copied().max().unwrap_or(0)))
-            .collect::<std::collections::BTreeMap<i32, i64>>()
+    // The longest gap between consecutive arrivals within [from, to), per partition.
+    let gaps = |from: i64, to: i64| {
+        let mut out = std::collections::BTreeMap::new();
+        for (partition, times) in &published {
+            let mut times: Vec<i64> = times
+                .iter()
+                .copied()
+                .filter(|t| (from..to).contains(t))
+                .collect();
+            times.sort_unstable();
+            let longest = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+            out.insert(*partition, longest);
+        }
+        out
     };
-    let (moved_worst, stayed_worst) = (worst(true), worst(false));
-    if moved_worst.is_empty() {
-        bail!("no change of a moved partition within 30 s of the SIGTERM");
+    let before = gaps(term_ms - 10_000, term_ms);
+    let after = gaps(term_ms, term_ms + 30_000);
+    let worst = |moved_ones: bool, of: &std::collections::BTreeMap<i32, i64>| {
+        of.iter()
+            .filter(|(p, _)| moved.contains(p) == moved_ones)
+            .map(|(_, gap)| *gap)
+            .max()
+            .unwrap_or(0)
+    };
+    if worst(true, &after) == 0 {
+        bail!("no changes of the moved partitions after the SIGTERM");
     }
     println!(
-        "planned handover ({}; {rate:.0} events/s over {PARTITIONS} partitions; SIGTERM to the owner of {moved:?}): event → publish latency p99 before {baseline} ms ({} changes); worst after, per moved partition {moved_worst:?} ms, per partition that stayed {stayed_worst:?} ms; pause ≈ worst − p99 before = {:.2} s moved, {:.2} s stayed ({restore})",
+        "planned handover ({}; {rate:.0} events/s over {PARTITIONS} partitions; SIGTERM to the owner of {moved:?}): longest gap between changes per partition, 10 s before {before:?} ms, 30 s after {after:?} ms; pause (longest gap after) {:.2} s on the moved partitions, {:.2} s on those that stayed, against {:.2} s before ({restore})",
         standby_label(standby_replicas),
-        before.len(),
-        (moved_worst.values().copied().max().unwrap_or(0) - baseline) as f64 / 1000.0,
-        (stayed_worst.values().copied().max().unwrap_or(0) - baseline) as f64 / 1000.0,
+        worst(true, &after) as f64 / 1000.0,
+        worst(false, &after) as f64 / 1000.0,
+        before.values().copied().max().unwrap_or(0) as f64 / 1000.0,
     );
     Ok(())
-}
-
-/// (publish time − event time, event time) of an event-caused change record, in ms.
-fn event_latency(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<(i64, i64)> {
-    let payload: serde_json::Value = serde_json::from_slice(message.payload()?).ok()?;
-    if payload.get("cause")?.as_str()? != "event" {
-        return None;
-    }
-    let at = segmenter::model::time::parse_rfc3339(payload.get("at")?.as_str()?).ok()?;
-    let published = message.timestamp().to_millis()?;
-    Some((published - at, at))
 }
 
 fn standby_label(standby_replicas: u32) -> String {
