@@ -151,74 +151,8 @@ pub fn bring_up_to_date<St: Store + ?Sized>(
     };
     let mut restore = restore;
     let records_before = restore.records;
-    let wiped = matches!(plan, Plan::Full { .. }) && restore.records == 0;
-    let applied = apply_changelog(
-        partition,
-        store,
-        source,
-        program,
-        &mut restore,
-        wiped,
-        first_writes,
-        stop,
-        progress,
-    )?;
-    let Applied {
-        completed,
-        indexer,
-        mut writes,
-    } = applied;
-    if !completed {
-        restore.save(p, &mut writes);
-        store.write(writes)?;
-        return Err(RestoreError::Interrupted);
-    }
-    let records = restore.records;
-    let read = records - records_before;
-    progress(records, 0);
-    let indexed = restore.indexed;
-    restore.finish(p, &mut writes);
-    indexer.finish(&mut writes);
-    store.write(writes)?;
-    if !indexed {
-        // Continuing a restore that an older build started without keeping the timers.
-        rebuild_timers(p, store, program)?;
-    }
-    Ok(Some(Restored {
-        plan,
-        records,
-        read,
-        elapsed: started.elapsed(),
-    }))
-}
-
-/// What [`apply_changelog`] leaves for its caller: whether it read to the end, and the last
-/// batch's writes (the progress record not in them yet) with the indexer that made them.
-struct Applied<'a> {
-    completed: bool,
-    indexer: Indexer<'a>,
-    writes: WriteSet,
-}
-
-/// Reads partition `partition`'s changelog from `restore.next_offset` to (at least)
-/// `restore.end_offset` into the store: every [`BATCH`] records one write with the progress
-/// and the timers and members index kept in step ([`Indexer`], which a standby's copy,
-/// `pipeline::standby`, uses the same way). `wiped`: the local copy was wiped for this restore
-/// and nothing is written yet. `first_writes` go out with the first batch.
-#[allow(clippy::too_many_arguments)]
-fn apply_changelog<'a, St: Store + ?Sized>(
-    partition: i32,
-    store: &St,
-    source: &dyn ChangelogSource,
-    program: &'a Program,
-    restore: &mut Restore,
-    wiped: bool,
-    first_writes: WriteSet,
-    stop: &dyn Fn() -> bool,
-    progress: Progress<'_>,
-) -> Result<Applied<'a>, RestoreError> {
-    let p = partition as u32;
     let mut writes = first_writes;
+    let wiped = matches!(plan, Plan::Full { .. }) && restore.records == 0;
     let mut indexer = Indexer::new(p, program, store, restore.indexed, wiped)?;
     indexer.save(&mut writes);
     restore.save(p, &mut writes);
@@ -266,11 +200,28 @@ fn apply_changelog<'a, St: Store + ?Sized>(
     }
     let completed = completed.map_err(RestoreError::Changelog)?;
     indexer.save(&mut writes);
-    Ok(Applied {
-        completed,
-        indexer,
-        writes,
-    })
+    if !completed {
+        restore.save(p, &mut writes);
+        store.write(writes)?;
+        return Err(RestoreError::Interrupted);
+    }
+    let records = restore.records;
+    let read = records - records_before;
+    progress(records, 0);
+    let indexed = restore.indexed;
+    restore.finish(p, &mut writes);
+    indexer.finish(&mut writes);
+    store.write(writes)?;
+    if !indexed {
+        // Continuing a restore that an older build started without keeping the timers.
+        rebuild_timers(p, store, program)?;
+    }
+    Ok(Some(Restored {
+        plan,
+        records,
+        read,
+        elapsed: started.elapsed(),
+    }))
 }
 
 /// What the planner needs to know about the local copy.
@@ -338,7 +289,8 @@ pub(crate) fn tail_is_own(
 /// The members index is kept only while it is trusted: built for the current definitions
 /// (its version key) with every count stored, or wiped by this restore; and every state in the
 /// current layout (a state in an older layout needs re-slotting: rare, after a definitions
-/// change). Otherwise its version key is dropped and the worker rebuilds it at open.
+/// change). Otherwise its version key is dropped and the worker rebuilds it at open. A
+/// standby's copy (`pipeline::standby`) is indexed by the same type, across its writes.
 pub(crate) struct Indexer<'a> {
     p: u32,
     program: &'a Program,
