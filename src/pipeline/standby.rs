@@ -16,11 +16,13 @@
 //! progress (`keys::restore`) with every batch write, and never calls `finish`. One consumer
 //! ([`ChangelogFeed`]) stays assigned to every followed partition and streams their records;
 //! each follower's writes go out at least every [`INTERVAL`] (or every [`restore::BATCH`]
-//! records), so a copy is at most about that far behind its owner. When the partition is assigned here, the partition's thread first [`Handoff::claim`]s
-//! it (waiting for a step in progress to stop and save), and `restore::bring_up_to_date` then
-//! continues that saved restore to the changelog's current end: only the tail is read, and the
-//! finish (input offsets, clock and skip marks of the last checkpoint, timers, members index) is
-//! the ordinary one. A copy no longer followed (the partition became ours, or standbys were
+//! records), so a copy is at most about that far behind its owner.
+//!
+//! When the partition is assigned here, the partition's thread first [`Handoff::claim`]s it
+//! (waiting for a standby write in progress to end; records applied but not yet written are
+//! dropped with the follower), and `restore::bring_up_to_date` then continues the written
+//! progress to the changelog's current end: only the tail is read, and the finish (input
+//! offsets, clock and skip marks of the last checkpoint) is the ordinary one. A copy no longer followed (the partition became ours, or standbys were
 //! turned off) is kept, with its progress, for a later assignment or follow. Nothing is ever
 //! published from a copy: a standby only writes to the local store.
 
