@@ -887,6 +887,25 @@ impl Cluster {
                 Some(owners) => format!(" — owners {}", owners.join(" → ")),
                 None => String::new(),
             });
+            // The change topic as read, with offsets: where a change went missing, the offsets
+            // around it tell a record never written from one not read.
+            let dump: String = self
+                .changes
+                .records
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}\n",
+                        serde_json::json!({
+                            "partition": r.partition,
+                            "offset": r.offset,
+                            "timestamp": r.timestamp,
+                            "change": r.json(),
+                        })
+                    )
+                })
+                .collect();
+            let _ = std::fs::write(self.path.join("change-topic-read.ndjson"), dump);
             // ~10-30 MB per run; SCALEOUT_KEEP=0 lets the temp dir go.
             let kept = if std::env::var("SCALEOUT_KEEP").as_deref() == Ok("0") {
                 "deleted (SCALEOUT_KEEP=0)".to_string()
