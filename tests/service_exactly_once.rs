@@ -97,7 +97,7 @@ fn exactly_once_under_kill_9_equals_the_replay() {
 /// left open in its outbox and settles them (committed → dropped, else sent again, the same
 /// entries) — and the output still equals the replay.
 ///
-/// Intermittent (tansu 0.6.0, 2026-12-04, one CI run of five): after the second restart the
+/// Intermittent (tansu 0.6.0, 2026-12-04, once in several runs): after the second restart the
 /// instance settled its open transactions, restored, and then the group's committed offsets
 /// never moved again (120 s; p0 at 953 of 1,646), with nothing logged — not a retry, not an
 /// error. Undiagnosed, like the missing changes of the other tests here.
