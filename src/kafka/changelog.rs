@@ -196,7 +196,11 @@ impl ChangelogFeed for ChangelogFollower {
                         },
                     );
                 }
-                Some(Err(error)) => return Err(error.to_string()),
+                // Transient (the broker away, a leader moving): librdkafka retries; the wait
+                // goes on, so an outage costs a line per error, not a busy loop.
+                Some(Err(error)) => {
+                    tracing::warn!(topic = %self.topic, %error, "standby: changelog read error; retrying");
+                }
             }
         }
     }
