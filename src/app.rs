@@ -134,9 +134,9 @@ pub async fn run(settings: Settings, shutdown: Arc<AtomicBool>) -> anyhow::Resul
         .await
         .context("the transactions probe")??;
         tracing::warn!(
-            "processing.guarantee = \"exactly_once\" is not reliable yet: its tests on tansu pass \
-             only intermittently (single committed changes missing; README \"Exactly-once \
-             mode\"); \"at_least_once\" is the verified mode"
+            "processing.guarantee = \"exactly_once\" is not reliable yet: on tansu its takeover \
+             tests lost changes and a restart stalled once (README \"Exactly-once mode\"); \
+             \"at_least_once\" is the verified mode"
         );
         if !settings.kafka.read_committed {
             tracing::warn!(

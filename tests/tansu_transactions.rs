@@ -11,8 +11,9 @@
 //! Run by hand (it probes the broker, not segmenter): `cargo test --release --test
 //! tansu_transactions -- --ignored --nocapture`. 2026-12-04, twice (the second time with the
 //! offsets in every transaction): 24,010 records in 4,800 committed transactions, every one
-//! read back. So the loss the service's tests saw is not reproduced by the broker alone in this
-//! pattern; segmenter's own transactional path is as much a suspect as tansu.
+//! read back. This reader starts after the producers are done. The loss the service's control
+//! test saw turned out to be its live reader's: a read from the beginning afterwards found the
+//! change (`tests/service_exactly_once.rs`).
 
 #[path = "support/tansu.rs"]
 mod tansu;
