@@ -163,6 +163,22 @@ fn every_route_class_needs_its_role_and_erasure_is_audited() {
     let unknown = bearer("sgt_0000000000000000000000000000000000000000000000000000000000000000");
     let reader = bearer(&read_token);
     let admin = bearer(&admin_token);
+    // Consumed is counted as events arrive, their state is written with the batch: wait for
+    // the customers to be readable before checking who may read them.
+    wait_until(
+        "the customers readable",
+        Duration::from_secs(30),
+        || {
+            (0..10)
+                .all(|i| {
+                    let route = format!("/customers/c-{i}");
+                    request(&address, "GET", &route, &[("Authorization", &admin)], None).status
+                        == 200
+                })
+                .then_some(())
+        },
+        || "GET /customers/c-N with the admin token is not 200 for every N".to_string(),
+    );
     let preview_body = Some(("text/plain", r#"count("Order Completed") >= 1"#));
     let reads: [(&str, &str, Body); 5] = [
         ("GET", "/segments", None),
