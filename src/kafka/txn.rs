@@ -235,19 +235,28 @@ impl TxnSink {
             .is_some_and(|deadline| Instant::now() >= *deadline)
     }
 
+    /// Whether the producer has failed fatally because a newer owner fenced it (logged).
+    fn fatal_because_fenced(&self) -> bool {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return false;
+        };
+        let fatal = Flags {
+            fatal: true,
+            ..Flags::default()
+        };
+        let fenced = class_of(Some(code), Some(fatal)) == Class::Fenced;
+        if fenced {
+            tracing::error!(partition = self.partition, reason, "producer fenced");
+        }
+        fenced
+    }
+
     /// Replaces a producer that failed fatally; the new one's `init_transactions` aborts the
     /// transaction the old one left open (or fences nothing if it committed).
     fn recreate(&mut self) -> Result<(), SinkError> {
         // Fatal because fenced: a new producer would fence the partition's new owner in turn.
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            let fatal = Flags {
-                fatal: true,
-                ..Flags::default()
-            };
-            if class_of(Some(code), Some(fatal)) == Class::Fenced {
-                tracing::error!(partition = self.partition, reason, "producer fenced");
-                return Err(SinkError::Fenced);
-            }
+        if self.fatal_because_fenced() {
+            return Err(SinkError::Fenced);
         }
         self.metrics
             .publish_errors
@@ -366,15 +375,8 @@ impl RecordSink for TxnSink {
             }
             Err(error) => {
                 // A fatal `send` names only `_FATAL`; the producer knows the cause (fenced?).
-                if let Some((code, reason)) = self.producer.client().fatal_error() {
-                    let fatal = Flags {
-                        fatal: true,
-                        ..Flags::default()
-                    };
-                    if class_of(Some(code), Some(fatal)) == Class::Fenced {
-                        tracing::error!(partition = self.partition, reason, "producer fenced");
-                        return Err(SinkError::Fenced);
-                    }
+                if self.fatal_because_fenced() {
+                    return Err(SinkError::Fenced);
                 }
                 Err(self.before_commit(&error))
             }
